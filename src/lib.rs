@@ -1,1 +1,27 @@
+//! Warden: a streaming, inline LLM-proxy firewall for fleets of AI agents.
+//!
+//! Agents point their OpenAI base URL at Warden. Every request is tied to the
+//! agent's SPIFFE ID, forwarded to the provider that serves its model, relayed back
+//! event by event, and metered in US dollars as it flows.
+//!
+//! The modules, in the order a request meets them:
+//!
+//! - [`server`]: the listener, the routes and graceful shutdown; owns the shared state.
+//! - [`identity`]: the bearer key names the calling agent.
+//! - [`proxy`]: the request path as phases: read, inspect, admit, rewrite, forward,
+//!   relay (with [`proxy::sse`] framing the stream), settle.
+//! - [`metering`]: tokens and cost per event and per request, from provider usage or a
+//!   local upper bound.
+//! - [`store`]: the SQLite database and the write-behind usage log.
+//! - [`telemetry`]: Prometheus metrics and tracing.
+//! - [`error`]: the one mapping from every error to an OpenAI-shaped response.
+//! - [`config`]: `warden.toml` and the price table, read once at startup.
 
+pub mod config;
+pub mod error;
+pub mod identity;
+pub mod metering;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,328 @@
+//! Configuration: the operator's `warden.toml` and the price table `models.toml`.
+//!
+//! Both files are plain TOML read once at startup into typed structs, validated, and
+//! then turned into the runtime tables the request path uses (`proxy::Routes`,
+//! `identity::Identities`). Warden also carries an embedded copy of the files under
+//! `config/`, so `warden serve` with no arguments runs without any file on disk.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+/// The embedded default configuration, used when no `--config` is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/warden.toml");
+
+/// The embedded default price table, used when the configuration names none.
+pub const DEFAULT_PRICES: &str = include_str!("../config/models.toml");
+
+/// Why a configuration was refused. Messages name the file and the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {source}")]
+    Parse {
+        origin: String,
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Everything `warden serve` needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub operator: OperatorConfig,
+    pub providers: Vec<ProviderConfig>,
+    pub agents: Vec<AgentConfig>,
+    /// Price per model id, in USD per million tokens.
+    pub prices: HashMap<String, Price>,
+}
+
+/// The `[server]` table: the listener, state directory and request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory of the SQLite file; relative paths are taken from the working directory.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Largest non-streamed upstream body Warden reads before giving up with 502.
+    #[serde(default = "default_max_upstream_body_bytes")]
+    pub max_upstream_body_bytes: usize,
+    /// How long a SIGTERM waits for open streams before cutting them.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Most usage records committed to SQLite in one transaction.
+    #[serde(default = "default_usage_batch")]
+    pub usage_batch: usize,
+}
+
+/// The `[operator]` table: the key that may read usage and, later, manage agents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Hex SHA-256 of the operator's bearer key.
+    pub key_sha256: String,
+}
+
+/// One upstream provider: where it lives, how to authenticate, which models it serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    /// Base URL including the API version path, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Environment variable holding the provider's API key. Unset means requests to
+    /// this provider are refused with 502 `provider_not_configured`.
+    pub api_key_env: Option<String>,
+    pub models: Vec<String>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending the request to the response headers.
+    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+}
+
+/// An agent declared by the operator: its identity, key hash and the models it may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub spiffe_id: String,
+    /// Hex SHA-256 of the agent's bearer key; the key itself is never stored.
+    pub key_sha256: String,
+    /// Models this agent may call; `["*"]` grants every configured model.
+    pub models: Vec<String>,
+}
+
+/// Prices in USD per million tokens. Cached input defaults to the input price.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    #[serde(with = "rust_decimal::serde::str")]
+    pub input: Decimal,
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    pub cached_input: Option<Decimal>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub output: Decimal,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    server: ServerConfig,
+    operator: OperatorConfig,
+    /// Price table path, relative to the configuration file. Absent means the embedded one.
+    prices: Option<PathBuf>,
+    #[serde(default)]
+    providers: Vec<ProviderConfig>,
+    #[serde(default)]
+    agents: Vec<AgentConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceFile {
+    models: HashMap<String, Price>,
+}
+
+impl Config {
+    /// Loads `path`, or the embedded default when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Config::parse(DEFAULT_CONFIG, "embedded warden.toml", None);
+        };
+
+        let text = read(path)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &path.display().to_string(), Some(dir))
+    }
+
+    /// Parses a configuration text read from a file in `dir`, which resolves a relative
+    /// price table path. `dir` is `None` for the embedded default, whose price table is
+    /// the embedded one too.
+    pub fn parse(text: &str, origin: &str, dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_owned(),
+            source,
+        })?;
+
+        let prices = match (dir, &file.prices) {
+            (Some(dir), Some(rel)) => {
+                let path = dir.join(rel);
+                parse_prices(&read(&path)?, &path.display().to_string())?
+            }
+            _ => parse_prices(DEFAULT_PRICES, "embedded models.toml")?,
+        };
+
+        let config = Config {
+            server: file.server,
+            operator: file.operator,
+            providers: file.providers,
+            agents: file.agents,
+            prices,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+
+        let mut served_by: HashMap<&str, &str> = HashMap::new();
+        for provider in &self.providers {
+            if !provider.base_url.starts_with("http://")
+                && !provider.base_url.starts_with("https://")
+            {
+                return invalid(format!(
+                    "providers.{}.base_url must start with http:// or https://",
+                    provider.name
+                ));
+            }
+            for model in &provider.models {
+                if let Some(other) = served_by.insert(model, &provider.name) {
+                    return invalid(format!(
+                        "model {model} is listed by providers {other} and {}: a model is served by one provider",
+                        provider.name
+                    ));
+                }
+                if !self.prices.contains_key(model) {
+                    return invalid(format!(
+                        "model {model} (provider {}) has no price: add [models.\"{model}\"] to the price table",
+                        provider.name
+                    ));
+                }
+            }
+        }
+
+        check_hash("operator.key_sha256", &self.operator.key_sha256)?;
+        for agent in &self.agents {
+            check_hash(
+                &format!("agent {} key_sha256", agent.spiffe_id),
+                &agent.key_sha256,
+            )?;
+            if !agent.spiffe_id.starts_with("spiffe://") {
+                return invalid(format!("agent {} must be a spiffe:// URI", agent.spiffe_id));
+            }
+            for model in &agent.models {
+                if model != "*" && !served_by.contains_key(model.as_str()) {
+                    return invalid(format!(
+                        "agent {} is granted model {model}, which no provider serves",
+                        agent.spiffe_id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_prices(text: &str, origin: &str) -> Result<HashMap<String, Price>, ConfigError> {
+    let file: PriceFile = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        origin: origin.to_owned(),
+        source,
+    })?;
+
+    for (model, price) in &file.models {
+        let negative = price.input.is_sign_negative()
+            || price.output.is_sign_negative()
+            || price.cached_input.is_some_and(|p| p.is_sign_negative());
+        if negative {
+            return Err(ConfigError::Invalid(format!(
+                "{origin}: price of {model} is negative"
+            )));
+        }
+    }
+    Ok(file.models)
+}
+
+fn check_hash(what: &str, hex_digest: &str) -> Result<(), ConfigError> {
+    let ok = hex_digest.len() == 64 && hex_digest.bytes().all(|b| b.is_ascii_hexdigit());
+    if ok {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!(
+        "{what} must be 64 hex digits (the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)"
+    )))
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8484))
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+fn default_max_body_bytes() -> usize {
+    4 << 20
+}
+
+fn default_max_upstream_body_bytes() -> usize {
+    64 << 20
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_usage_batch() -> usize {
+    512
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config = Config::load(None).expect("embedded default must validate");
+        assert_eq!(config.server.listen, default_listen());
+        assert!(config.prices.contains_key("gpt-4o-mini"));
+    }
+
+    #[test]
+    fn refuses_model_without_price() {
+        let text =
+            DEFAULT_CONFIG.replace("\"gpt-4o-mini\",", "\"gpt-4o-mini\", \"no-such-model\",");
+        let err = Config::parse(&text, "test", None).unwrap_err().to_string();
+        assert!(err.contains("no-such-model"), "{err}");
+    }
+
+    #[test]
+    fn refuses_short_key_hash() {
+        let text = format!(
+            "{}\n",
+            DEFAULT_CONFIG.replacen("key_sha256 = \"", "key_sha256 = \"abc", 1)
+        );
+        let err = Config::parse(&text, "test", None).unwrap_err().to_string();
+        assert!(err.contains("64 hex digits"), "{err}");
+    }
+}

@@ -1,0 +1,227 @@
+//! The errors a client can see, and the one place that decides how each is reported.
+//!
+//! Every refusal and fault on the request path becomes an [`ApiError`]. Its
+//! [`ApiError::descriptor`] is an exhaustive match (no catch-all arm) giving the HTTP
+//! status, the OpenAI error `type` and `code`, the log level and whose fault it was,
+//! so the body an OpenAI SDK receives always maps to the exception it expects.
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+/// Whose fault an error is: decides the log level and the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    Warden,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Client => "client",
+            Fault::Upstream => "upstream",
+            Fault::Warden => "warden",
+        }
+    }
+}
+
+/// How an error is reported: status, OpenAI `type` and `code`, and whose fault it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Descriptor {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub fault: Fault,
+}
+
+/// A request Warden refuses or cannot complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no API key: send `Authorization: Bearer <agent key>`")]
+    MissingKey,
+    #[error("the API key is not known to Warden")]
+    UnknownKey,
+    #[error("this endpoint needs the operator key")]
+    OperatorOnly,
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(serde_json::Error),
+    #[error("missing required parameter: '{0}'")]
+    MissingField(&'static str),
+    #[error("invalid value for '{field}': {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("request body is larger than the {limit}-byte limit (server.max_body_bytes)")]
+    BodyTooLarge { limit: usize },
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("the model '{0}' does not exist or is not served by this Warden")]
+    ModelNotFound(String),
+    #[error("this agent may not use the model '{0}'")]
+    ModelNotPermitted(String),
+    #[error("unknown URL: {method} {path}")]
+    UnknownRoute { method: String, path: String },
+    #[error("provider '{provider}' has no API key: set the environment variable {env}")]
+    ProviderKeyMissing { provider: String, env: String },
+    #[error("could not reach provider '{provider}': {reason}")]
+    UpstreamUnreachable { provider: String, reason: String },
+    #[error("provider '{provider}' did not {phase} within {timeout_ms} ms")]
+    UpstreamTimeout {
+        provider: String,
+        phase: &'static str,
+        timeout_ms: u128,
+    },
+    #[error("provider '{provider}' failed with status {status}")]
+    UpstreamStatus { provider: String, status: u16 },
+    #[error("provider '{provider}' sent an unreadable response: {reason}")]
+    UpstreamBody { provider: String, reason: String },
+    #[error("provider '{provider}' broke off the stream: {reason}")]
+    StreamInterrupted { provider: String, reason: String },
+    #[error("Warden is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The one mapping from error to status, OpenAI type and code, and fault.
+    pub fn descriptor(&self) -> Descriptor {
+        use ApiError::*;
+        use Fault::*;
+
+        let (status, kind, code, fault) = match self {
+            MissingKey => (401, "invalid_request_error", "missing_api_key", Client),
+            UnknownKey => (401, "invalid_request_error", "invalid_api_key", Client),
+            OperatorOnly => (403, "permission_error", "operator_only", Client),
+            MalformedJson(_) => (400, "invalid_request_error", "invalid_json", Client),
+            MissingField(_) => (
+                400,
+                "invalid_request_error",
+                "missing_required_parameter",
+                Client,
+            ),
+            InvalidField { .. } => (400, "invalid_request_error", "invalid_value", Client),
+            BodyTooLarge { .. } => (413, "invalid_request_error", "request_too_large", Client),
+            BodyRead(_) => (400, "invalid_request_error", "body_unreadable", Client),
+            ModelNotFound(_) => (404, "invalid_request_error", "model_not_found", Client),
+            ModelNotPermitted(_) => (403, "permission_error", "permission_denied", Client),
+            UnknownRoute { .. } => (404, "invalid_request_error", "unknown_url", Client),
+            ProviderKeyMissing { .. } => (502, "upstream_error", "provider_not_configured", Warden),
+            UpstreamUnreachable { .. } => (502, "upstream_error", "upstream_unreachable", Upstream),
+            UpstreamTimeout { .. } => (504, "upstream_error", "upstream_timeout", Upstream),
+            UpstreamStatus { .. } => (502, "upstream_error", "upstream_server_error", Upstream),
+            UpstreamBody { .. } => (
+                502,
+                "upstream_error",
+                "upstream_malformed_response",
+                Upstream,
+            ),
+            StreamInterrupted { .. } => (
+                502,
+                "upstream_error",
+                "upstream_stream_interrupted",
+                Upstream,
+            ),
+            ShuttingDown => (503, "server_error", "shutting_down", Warden),
+            Internal(_) => (500, "server_error", "internal_error", Warden),
+        };
+
+        Descriptor {
+            status: StatusCode::from_u16(status).expect("every status above is a valid code"),
+            kind,
+            code,
+            fault,
+        }
+    }
+
+    /// The request parameter the error is about, for the OpenAI `param` field.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            ApiError::MissingField(field) | ApiError::InvalidField { field, .. } => Some(field),
+            ApiError::ModelNotFound(_) | ApiError::ModelNotPermitted(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI-shaped JSON body of this error.
+    pub fn body(&self) -> Bytes {
+        let descriptor = self.descriptor();
+        let body = ErrorBody {
+            error: ErrorObject {
+                message: &self.to_string(),
+                kind: descriptor.kind,
+                code: descriptor.code,
+                param: self.param(),
+            },
+        };
+        serde_json::to_vec(&body)
+            .expect("an error body of strings always serializes")
+            .into()
+    }
+
+    /// Logs the error once, at the level its fault calls for.
+    pub fn log(&self, request_id: &str) {
+        let d = self.descriptor();
+        match d.fault {
+            Fault::Client => tracing::info!(
+                request.id = request_id, status = d.status.as_u16(), code = d.code,
+                error = %self, "request refused"
+            ),
+            Fault::Upstream => tracing::warn!(
+                request.id = request_id, status = d.status.as_u16(), code = d.code,
+                error = %self, "upstream fault"
+            ),
+            Fault::Warden => tracing::error!(
+                request.id = request_id, status = d.status.as_u16(), code = d.code,
+                error = %self, "request failed inside warden"
+            ),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorObject<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: &'static str,
+    param: Option<&'static str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.descriptor().status;
+        let mut response = (status, self.body()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_openai_shaped() {
+        let err = ApiError::MissingField("messages");
+        let body: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "missing_required_parameter");
+        assert_eq!(body["error"]["param"], "messages");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("messages")
+        );
+    }
+}

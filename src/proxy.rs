@@ -1,0 +1,310 @@
+//! The data plane: one OpenAI-compatible request, from arrival to settlement.
+//!
+//! A request passes through named phases over a per-request context:
+//!
+//! 1. **authenticate**: the bearer key names an agent (`identity`).
+//! 2. **read**: the body, up to `server.max_body_bytes`.
+//! 3. **inspect**: the fields Warden acts on (`request::inspect`).
+//! 4. **admit**: the model is served here and the agent may use it.
+//! 5. **rewrite**: a streamed chat request asks for usage (`request::rewrite`).
+//! 6. **forward**: to the model's provider, over a pooled connection (`upstream`).
+//! 7. **relay**: a stream event by event (`relay`), or a whole body, as received.
+//! 8. **settle**: usage and cost become metrics and a usage record (`settle`).
+
+mod relay;
+mod request;
+mod settle;
+pub mod sse;
+mod upstream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::config::{Config, Price};
+use crate::error::ApiError;
+use crate::identity::Agent;
+use crate::metering::{self, StreamFormat, StreamMeter};
+use crate::server::App;
+
+pub use relay::Relay;
+pub use request::{inspect, rewrite};
+pub use settle::{Outcome, Settlement};
+pub use upstream::Provider;
+
+/// The OpenAI endpoints Warden proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Responses,
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The path below the provider's base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Responses => "/responses",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+
+    /// The endpoint's label in metrics and usage records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completions",
+            Endpoint::Responses => "responses",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    fn stream_format(self) -> StreamFormat {
+        match self {
+            Endpoint::Responses => StreamFormat::Responses,
+            Endpoint::Chat | Endpoint::Embeddings => StreamFormat::Chat,
+        }
+    }
+}
+
+/// Where a model's requests go and what its tokens cost.
+pub struct Route {
+    pub model: Arc<str>,
+    pub provider: Arc<Provider>,
+    pub price: Price,
+}
+
+/// Every model Warden serves, by the `model` a client sends.
+pub struct Routes {
+    by_model: HashMap<String, Arc<Route>>,
+}
+
+impl Routes {
+    pub fn new(config: &Config) -> Result<Routes, reqwest::Error> {
+        let mut by_model = HashMap::new();
+        for provider_config in &config.providers {
+            let provider = Arc::new(Provider::new(provider_config)?);
+            for model in &provider_config.models {
+                let route = Route {
+                    model: model.as_str().into(),
+                    provider: Arc::clone(&provider),
+                    price: config.prices[model],
+                };
+                by_model.insert(model.clone(), Arc::new(route));
+            }
+        }
+        Ok(Routes { by_model })
+    }
+
+    pub fn get(&self, model: &str) -> Option<&Arc<Route>> {
+        self.by_model.get(model)
+    }
+
+    /// Every route, sorted by model id.
+    pub fn all(&self) -> Vec<&Arc<Route>> {
+        let mut routes: Vec<_> = self.by_model.values().collect();
+        routes.sort_by(|a, b| a.model.cmp(&b.model));
+        routes
+    }
+}
+
+/// Serves one data-plane request and always answers: errors become OpenAI-shaped.
+pub async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let request_id: Arc<str> = app.ids.next().into();
+
+    let mut response = match serve(&app, endpoint, &headers, body, started, &request_id).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            refusal.error.log(&request_id);
+            let status = refusal.error.descriptor().status;
+            app.metrics
+                .requests
+                .with_label_values(&[
+                    refusal.agent.as_deref().unwrap_or(""),
+                    "",
+                    endpoint.name(),
+                    status.as_str(),
+                ])
+                .inc();
+            refusal.error.into_response()
+        }
+    };
+
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// An error before the request was admitted: nothing was forwarded or spent.
+struct Refusal {
+    agent: Option<Arc<str>>,
+    error: ApiError,
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Self {
+        Refusal { agent: None, error }
+    }
+}
+
+async fn serve(
+    app: &Arc<App>,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+    request_id: &Arc<str>,
+) -> Result<Response, Refusal> {
+    let agent = app.identities.authenticate_agent(headers)?;
+    let refuse = |error| Refusal {
+        agent: Some(Arc::clone(&agent.spiffe_id)),
+        error,
+    };
+
+    let body = read_body(body, app.limits.max_body_bytes)
+        .await
+        .map_err(refuse)?;
+    let inspected = inspect(endpoint, &body).map_err(refuse)?;
+    let route = admit(app, &agent, &inspected.model).map_err(refuse)?;
+    let stream = inspected.stream;
+    let client_wants_usage = inspected.include_usage;
+    let body = rewrite(endpoint, body.clone(), &inspected).map_err(refuse)?;
+
+    let settlement = Settlement::new(
+        Arc::clone(app),
+        Arc::clone(request_id),
+        agent,
+        route,
+        endpoint,
+        stream,
+        started,
+    );
+    Ok(forward(app, settlement, body, client_wants_usage).await)
+}
+
+/// The admit phase: the model exists here and this agent may use it.
+fn admit(app: &App, agent: &Agent, model: &str) -> Result<Arc<Route>, ApiError> {
+    let route = app
+        .routes
+        .get(model)
+        .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
+    if !agent.models.allows(model) {
+        return Err(ApiError::ModelNotPermitted(model.to_owned()));
+    }
+    Ok(Arc::clone(route))
+}
+
+/// The forward phase and what follows it. From here on every outcome is settled.
+async fn forward(
+    app: &App,
+    settlement: Settlement,
+    body: Bytes,
+    client_wants_usage: bool,
+) -> Response {
+    let prompt_bound = body.len() as u64;
+    let provider = Arc::clone(&settlement.route().provider);
+
+    let sent_at = Instant::now();
+    let upstream = match provider.send(settlement.endpoint(), body).await {
+        Ok(upstream) => upstream,
+        Err(error) => return settlement.fail(error, sent_at.elapsed()),
+    };
+    let upstream_wait = sent_at.elapsed();
+    app.metrics
+        .upstream_latency
+        .with_label_values(&[&provider.name])
+        .observe(upstream_wait.as_secs_f64());
+
+    let status = upstream.status();
+    let headers = passed_headers(upstream.headers());
+    if status.is_server_error() {
+        let error = ApiError::UpstreamStatus {
+            provider: provider.name.to_string(),
+            status: status.as_u16(),
+        };
+        return settlement.fail(error, upstream_wait);
+    }
+
+    if is_event_stream(upstream.headers()) && status.is_success() {
+        let format = settlement.endpoint().stream_format();
+        let meter = StreamMeter::new(format, prompt_bound);
+        let relay = Relay::new(
+            upstream,
+            meter,
+            settlement,
+            !client_wants_usage,
+            upstream_wait,
+        );
+        return respond(status, headers, Body::from_stream(relay));
+    }
+
+    let body = match provider
+        .read_body(upstream, app.limits.max_upstream_body_bytes)
+        .await
+    {
+        Ok(body) => body,
+        Err(error) => return settlement.fail(error, upstream_wait),
+    };
+    let upstream_time = sent_at.elapsed();
+    if status.is_success() {
+        let (usage, source) = metering::body_usage(&body, prompt_bound);
+        let overhead = settlement.overhead_besides(upstream_time);
+        settlement.settle(usage, source, status, Outcome::Ok, None, overhead);
+    } else {
+        // A client error the provider found: pass it through as the provider said it.
+        settlement.settle_unbilled(status, Outcome::UpstreamRejected, upstream_time);
+    }
+    respond(status, headers, Body::from(body))
+}
+
+fn respond(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().extend(headers);
+    response
+}
+
+/// The read phase: the whole request body, or 413 past the limit.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),
+        Err(e) => Err(ApiError::BodyRead(e.to_string())),
+    }
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+
+/// The upstream response headers a client may rely on: its content type, rate-limit
+/// and retry hints, and the provider's own request id (renamed, since `x-request-id`
+/// is Warden's).
+fn passed_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in upstream {
+        let keep = name == header::CONTENT_TYPE
+            || name == header::RETRY_AFTER
+            || name.as_str().starts_with("x-ratelimit-")
+            || name.as_str().starts_with("openai-");
+        if keep {
+            headers.append(name.clone(), value.clone());
+        } else if name == REQUEST_ID {
+            headers.insert(UPSTREAM_REQUEST_ID, value.clone());
+        }
+    }
+    headers
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}

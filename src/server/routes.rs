@@ -1,0 +1,195 @@
+//! The HTTP routes: the data plane (proxied OpenAI endpoints) and the operator's
+//! read-only endpoints (models, usage, metrics, health).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use serde::{Deserialize, Serialize};
+
+use super::App;
+use crate::error::ApiError;
+use crate::identity::Caller;
+use crate::proxy::{self, Endpoint};
+use crate::store::UsageReport;
+
+type AppState = State<Arc<App>>;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/responses", post(responses))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/v1/usage", get(usage))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(unknown_route)
+        .with_state(app)
+}
+
+async fn chat(State(app): AppState, headers: HeaderMap, body: Body) -> Response {
+    proxy::handle(app, Endpoint::Chat, headers, body).await
+}
+
+async fn responses(State(app): AppState, headers: HeaderMap, body: Body) -> Response {
+    proxy::handle(app, Endpoint::Responses, headers, body).await
+}
+
+async fn embeddings(State(app): AppState, headers: HeaderMap, body: Body) -> Response {
+    proxy::handle(app, Endpoint::Embeddings, headers, body).await
+}
+
+#[derive(Serialize)]
+struct ModelList<'a> {
+    object: &'static str,
+    data: Vec<ModelEntry<'a>>,
+}
+
+#[derive(Serialize)]
+struct ModelEntry<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'a str,
+}
+
+/// `GET /v1/models`: the models the calling agent may use.
+async fn models(State(app): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    let agent = app.identities.authenticate_agent(&headers)?;
+
+    let data = app
+        .routes
+        .all()
+        .into_iter()
+        .filter(|route| agent.models.allows(&route.model))
+        .map(|route| ModelEntry {
+            id: &route.model,
+            object: "model",
+            created: 0,
+            owned_by: &route.provider.name,
+        })
+        .collect();
+    Ok(Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    agent: Option<String>,
+    /// Unix seconds or an RFC 3339 timestamp; default: the last 24 hours.
+    since: Option<String>,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    1000
+}
+
+#[derive(Serialize)]
+struct UsageResponse {
+    object: &'static str,
+    #[serde(flatten)]
+    report: UsageReport,
+}
+
+/// `GET /v1/usage`: usage records and totals. The operator may read any agent's; an
+/// agent may read only its own.
+async fn usage(
+    State(app): AppState,
+    headers: HeaderMap,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let caller = app.identities.authenticate(&headers)?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidField {
+        field: "query",
+        reason: e.body_text(),
+    })?;
+
+    let agent = match caller {
+        Caller::Operator => query.agent,
+        Caller::Agent(agent) => match query.agent {
+            Some(asked) if *asked != *agent.spiffe_id => return Err(ApiError::OperatorOnly),
+            _ => Some(agent.spiffe_id.to_string()),
+        },
+    };
+    let since_ms = parse_since(query.since.as_deref())?;
+    let limit = query.limit.clamp(1, 10_000);
+
+    // Read-your-writes: records settled before this query are committed first.
+    app.usage
+        .flush()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let store = app.store.clone();
+    let report =
+        tokio::task::spawn_blocking(move || store.query_usage(agent.as_deref(), since_ms, limit))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+
+    Ok(Json(UsageResponse {
+        object: "list",
+        report,
+    })
+    .into_response())
+}
+
+fn parse_since(since: Option<&str>) -> Result<i64, ApiError> {
+    let now = SystemTime::now();
+    let instant = match since {
+        None => now - Duration::from_secs(24 * 3600),
+        Some(text) => match text.parse::<u64>() {
+            Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+            Err(_) => humantime::parse_rfc3339_weak(text).map_err(|e| ApiError::InvalidField {
+                field: "since",
+                reason: format!("{e}: use unix seconds or RFC 3339, e.g. 2026-12-01T00:00:00Z"),
+            })?,
+        },
+    };
+    Ok(instant
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64))
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+async fn metrics(State(app): AppState) -> Response {
+    let mut response = app.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /healthz`: the process is up.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: the process takes new requests (503 once shutdown has begun).
+async fn readyz(State(app): AppState) -> (StatusCode, &'static str) {
+    if app.draining.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    }
+    (StatusCode::OK, "ready\n")
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::UnknownRoute {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
