@@ -1,1 +1,10 @@
+//! End-to-end tests: the real `warden` binary between real clients (async-openai,
+//! reqwest, curl) and the mock provider, all on loopback.
 
+mod common;
+
+mod chat;
+mod errors;
+mod lifecycle;
+mod other_endpoints;
+mod replay;

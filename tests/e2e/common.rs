@@ -1,0 +1,320 @@
+//! Test harness: the mock provider in-process and the real `warden` binary as a child
+//! process, both on free loopback ports, wired together by a generated config.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use loadtest::mock::{MockConfig, MockProvider, Truth};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub const AGENT_KEY: &str = "e2e-agent-key-0001";
+pub const AGENT_ID: &str = "spiffe://e2e.test/agent/qa/lead";
+pub const LIMITED_KEY: &str = "e2e-agent-key-0002";
+pub const LIMITED_ID: &str = "spiffe://e2e.test/agent/qa/limited";
+pub const OPERATOR_KEY: &str = "e2e-operator-key";
+const MOCK_KEY: &str = "e2e-upstream-secret";
+
+/// Price of the mock models (USD per million tokens): input, cached input, output.
+pub const SMALL_PRICE: (&str, &str, &str) = ("0.15", "0.075", "0.60");
+
+/// Models the recorded fixtures ask for, routed to the mock so replays reach it.
+const FIXTURE_MODELS: &[&str] = &[
+    "gpt-4o",
+    "gpt-4o-mini",
+    "o3-mini",
+    "o1-mini",
+    "gpt-5.2",
+    "gpt-5.2-proo",
+    "gpt-5.6-sol",
+    "openai/gpt-oss-120b",
+    "text-embedding-3-small",
+];
+
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/provider-streams")
+}
+
+/// A running mock provider and Warden in front of it.
+pub struct Harness {
+    pub mock: MockProvider,
+    warden: Child,
+    pub addr: String,
+    dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        let mock_config = MockConfig {
+            api_key: Some(MOCK_KEY.into()),
+            fixtures: Some(fixtures_dir()),
+            ..MockConfig::default()
+        };
+        let mock = MockProvider::start("127.0.0.1:0".parse().unwrap(), mock_config)
+            .await
+            .expect("mock provider starts");
+
+        let dir = temp_dir();
+        write_config(&dir, &mock.base_url());
+        let (warden, addr) = spawn_warden(&dir);
+
+        Harness {
+            mock,
+            warden,
+            addr,
+            dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The OpenAI base URL of this Warden.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// An async-openai client authenticated as `key`.
+    pub fn client(&self, key: &str) -> Client<OpenAIConfig> {
+        let config = OpenAIConfig::new()
+            .with_api_base(self.base_url())
+            .with_api_key(key);
+        Client::with_config(config)
+    }
+
+    /// A raw POST of `body` to `path` with the agent's key.
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(AGENT_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("warden answers")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.post(path, serde_json::to_vec(body).unwrap()).await
+    }
+
+    /// `GET /v1/usage` as the operator, for every agent.
+    pub async fn usage(&self) -> Value {
+        let response = self
+            .http
+            .get(self.url("/v1/usage"))
+            .bearer_auth(OPERATOR_KEY)
+            .send()
+            .await
+            .expect("usage answers");
+        assert_eq!(response.status(), 200);
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+    }
+
+    /// Waits (bounded) until `n` usage records exist: streams settle when they end,
+    /// which may be just after the client saw the last byte.
+    pub async fn usage_records(&self, n: usize) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let usage = self.usage().await;
+            if usage["data"].as_array().unwrap().len() >= n || Instant::now() > deadline {
+                return usage;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn truth(&self) -> Truth {
+        self.mock.truth_all()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let pid = self.warden.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        self.warden.wait().unwrap().code()
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.dir.join("data/warden.db")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = self.warden.kill();
+        let _ = self.warden.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_dir() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("warden-e2e-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn sha256(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+fn write_config(dir: &Path, mock_url: &str) {
+    let mut mock_models = vec!["mock-small", "mock-large", "mock-embed"];
+    mock_models.extend_from_slice(FIXTURE_MODELS);
+    let quoted = |models: &[&str]| {
+        models
+            .iter()
+            .map(|m| format!("\"{m}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+
+    let config = format!(
+        r#"
+prices = "models.toml"
+
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+max_body_bytes = 65536
+drain_timeout = "5s"
+
+[operator]
+key_sha256 = "{operator}"
+
+[[providers]]
+name = "mock"
+base_url = "{mock_url}"
+api_key_env = "WARDEN_E2E_MOCK_KEY"
+models = [{mock_models}]
+first_byte_timeout = "5s"
+
+[[providers]]
+name = "slow"
+base_url = "{mock_url}"
+api_key_env = "WARDEN_E2E_MOCK_KEY"
+models = ["mock-slow"]
+first_byte_timeout = "300ms"
+
+[[providers]]
+name = "down"
+base_url = "http://127.0.0.1:9/v1"
+models = ["mock-down"]
+connect_timeout = "1s"
+
+[[providers]]
+name = "keyless"
+base_url = "{mock_url}"
+api_key_env = "WARDEN_E2E_UNSET_KEY"
+models = ["mock-keyless"]
+
+[[agents]]
+spiffe_id = "{AGENT_ID}"
+key_sha256 = "{agent}"
+models = ["*"]
+
+[[agents]]
+spiffe_id = "{LIMITED_ID}"
+key_sha256 = "{limited}"
+models = ["mock-small"]
+"#,
+        data = dir.join("data").display(),
+        operator = sha256(OPERATOR_KEY),
+        agent = sha256(AGENT_KEY),
+        limited = sha256(LIMITED_KEY),
+        mock_models = quoted(&mock_models),
+    );
+    std::fs::write(dir.join("warden.toml"), config).unwrap();
+
+    let (input, cached, output) = SMALL_PRICE;
+    let mut prices = String::new();
+    let mut all: Vec<&str> = mock_models.clone();
+    all.extend(["mock-slow", "mock-down", "mock-keyless"]);
+    for model in all {
+        prices.push_str(&format!(
+            "[models.\"{model}\"]\ninput = \"{input}\"\ncached_input = \"{cached}\"\noutput = \"{output}\"\n\n"
+        ));
+    }
+    std::fs::write(dir.join("models.toml"), prices).unwrap();
+}
+
+fn spawn_warden(dir: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("warden.toml"))
+        .env("WARDEN_E2E_MOCK_KEY", MOCK_KEY)
+        .env_remove("WARDEN_E2E_UNSET_KEY")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("warden binary starts");
+
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("warden listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line from warden: {line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
+/// Exact cost of a mock-model request in USD, computed independently of Warden.
+pub fn mock_cost(input_tokens: u64, output_tokens: u64) -> Decimal {
+    let (input, _, output) = SMALL_PRICE;
+    let input = Decimal::from_str(input).unwrap();
+    let output = Decimal::from_str(output).unwrap();
+    (Decimal::from(input_tokens) * input + Decimal::from(output_tokens) * output)
+        / Decimal::from(1_000_000)
+}
+
+/// A usage record's cost as a Decimal.
+pub fn record_cost(record: &Value) -> Decimal {
+    Decimal::from_str(record["cost_usd"].as_str().unwrap()).unwrap()
+}
+
+/// Splits an SSE body into its events (without the blank-line terminators).
+pub fn sse_events(body: &str) -> Vec<&str> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect()
+}
+
+/// The `data` payload of each event.
+pub fn sse_data(body: &str) -> Vec<String> {
+    sse_events(body)
+        .into_iter()
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// The one error object in an OpenAI-shaped error body.
+pub fn error_of(body: &Value) -> (&str, &str) {
+    let error = &body["error"];
+    (
+        error["type"].as_str().unwrap_or(""),
+        error["code"].as_str().unwrap_or(""),
+    )
+}
