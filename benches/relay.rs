@@ -1,1 +1,114 @@
-fn main() {}
+//! Criterion benches of the hot path's two halves:
+//!
+//! - `relay/*`: what the relay does per SSE event: frame it out of the upstream
+//!   bytes, parse its data, meter it, hand the same bytes on.
+//! - `admission/*`: what a non-streamed request costs before it is forwarded:
+//!   authenticate the key, inspect the body, route the model, rewrite.
+//!
+//! Run with `cargo bench --bench relay`. Figures are in docs/benchmarks.md.
+
+use std::hint::black_box;
+use std::path::Path;
+
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use http::HeaderMap;
+use warden::config::{AgentConfig, Config};
+use warden::identity::Identities;
+use warden::metering::{StreamFormat, StreamMeter};
+use warden::proxy::sse::{self, Framer};
+use warden::proxy::{Endpoint, Routes, inspect, rewrite};
+
+fn fixture(name: &str) -> Bytes {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/provider-streams")
+        .join(name)
+        .join("response.sse");
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into()
+}
+
+/// Relays a whole recorded body the way `Relay` does, returning the bytes forwarded.
+fn relay(body: &[u8], chunk: usize, format: StreamFormat) -> usize {
+    let mut framer = Framer::default();
+    let mut meter = StreamMeter::new(format, 100);
+    let mut forwarded = 0;
+
+    for piece in body.chunks(chunk) {
+        framer.push(piece);
+        while let Some(event) = framer.next_event() {
+            if let Some(data) = sse::parse(&event).data.as_bytes() {
+                black_box(meter.observe(data).expect("recorded events parse"));
+            }
+            forwarded += black_box(event).len();
+        }
+    }
+    forwarded
+}
+
+fn bench_relay(c: &mut Criterion) {
+    let mut group = c.benchmark_group("relay");
+    let streams = [
+        ("chat_text", "openai-chat-stream-text-01", StreamFormat::Chat),
+        ("chat_tool_calls", "openai-chat-stream-tool-call-parallel-01", StreamFormat::Chat),
+        ("responses_text", "openai-responses-stream-text-01", StreamFormat::Responses),
+    ];
+
+    for (label, name, format) in streams {
+        let body = fixture(name);
+        let events = body.windows(2).filter(|w| w == b"\n\n").count() as u64;
+        group.throughput(Throughput::Elements(events));
+        // Upstream reads usually carry one event; 64 KiB reads carry the whole body.
+        group.bench_function(format!("{label}/per_event_reads"), |b| {
+            b.iter(|| relay(&body, 400, format))
+        });
+        group.bench_function(format!("{label}/one_read"), |b| {
+            b.iter(|| relay(&body, 64 * 1024, format))
+        });
+    }
+    group.finish();
+}
+
+fn bench_admission(c: &mut Criterion) {
+    let config = Config::load(None).expect("embedded config");
+    let key = "bench-agent-key-000000000000000000000001";
+    let agent = AgentConfig {
+        spiffe_id: "spiffe://bench.local/agent/b/one".into(),
+        key_sha256: sha256_hex(key),
+        models: vec!["*".into()],
+    };
+    let identities = Identities::new(&config.operator.key_sha256, &[agent]).unwrap();
+    let routes = Routes::new(&config).unwrap();
+
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, format!("Bearer {key}").parse().unwrap());
+    let plain: Bytes = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Summarise the quarterly reconciliation report in three bullet points."}],"max_tokens":256,"temperature":0.2}"#.to_vec().into();
+    let streamed: Bytes = br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Summarise the quarterly reconciliation report in three bullet points."}],"max_tokens":256}"#.to_vec().into();
+
+    let mut group = c.benchmark_group("admission");
+    for (label, body) in [("non_streamed", plain), ("streamed_with_rewrite", streamed)] {
+        group.bench_function(label, |b| {
+            b.iter_batched(
+                || body.clone(),
+                |body| {
+                    let agent = identities.authenticate_agent(&headers).unwrap();
+                    let inspected = inspect(Endpoint::Chat, &body).unwrap();
+                    let route = routes.get(&inspected.model).unwrap();
+                    assert!(agent.models.allows(&route.model));
+                    black_box(rewrite(Endpoint::Chat, body.clone(), &inspected).unwrap())
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn sha256_hex(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+criterion_group!(benches, bench_relay, bench_admission);
+criterion_main!(benches);
