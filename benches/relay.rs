@@ -50,9 +50,21 @@ fn relay(body: &[u8], chunk: usize, format: StreamFormat) -> usize {
 fn bench_relay(c: &mut Criterion) {
     let mut group = c.benchmark_group("relay");
     let streams = [
-        ("chat_text", "openai-chat-stream-text-01", StreamFormat::Chat),
-        ("chat_tool_calls", "openai-chat-stream-tool-call-parallel-01", StreamFormat::Chat),
-        ("responses_text", "openai-responses-stream-text-01", StreamFormat::Responses),
+        (
+            "chat_text",
+            "openai-chat-stream-text-01",
+            StreamFormat::Chat,
+        ),
+        (
+            "chat_tool_calls",
+            "openai-chat-stream-tool-call-parallel-01",
+            StreamFormat::Chat,
+        ),
+        (
+            "responses_text",
+            "openai-responses-stream-text-01",
+            StreamFormat::Responses,
+        ),
     ];
 
     for (label, name, format) in streams {
@@ -82,7 +94,10 @@ fn bench_admission(c: &mut Criterion) {
     let routes = Routes::new(&config).unwrap();
 
     let mut headers = HeaderMap::new();
-    headers.insert(http::header::AUTHORIZATION, format!("Bearer {key}").parse().unwrap());
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
     let plain: Bytes = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Summarise the quarterly reconciliation report in three bullet points."}],"max_tokens":256,"temperature":0.2}"#.to_vec().into();
     let streamed: Bytes = br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Summarise the quarterly reconciliation report in three bullet points."}],"max_tokens":256}"#.to_vec().into();
 

@@ -72,7 +72,8 @@ impl fmt::Display for LoadError {
             Self::InvalidUrl { url, why } => write!(f, "invalid target URL {url}: {why}"),
             Self::NotLoopback { url, host } => write!(
                 f,
-                "refusing target {url}: host {host} is not loopback (use 127.0.0.0/8, ::1 or localhost)"
+                "refusing target {url}: host {host} is not loopback \
+                 (use 127.0.0.0/8, ::1 or localhost)"
             ),
             Self::Settings(why) => f.write_str(why),
         }
@@ -85,7 +86,10 @@ impl Mode {
     fn describe(&self) -> String {
         match self {
             Self::Closed { concurrency } => format!("closed, concurrency {concurrency}"),
-            Self::Rate { rate, max_in_flight } => format!("rate {rate} req/s, max in flight {max_in_flight}"),
+            Self::Rate {
+                rate,
+                max_in_flight,
+            } => format!("rate {rate} req/s, max in flight {max_in_flight}"),
         }
     }
 
@@ -99,22 +103,36 @@ impl Mode {
 
     /// Warm-up runs closed-loop, as wide as the measured phase can get.
     fn warmup(&self) -> Self {
-        Self::Closed { concurrency: self.connections().min(256) }
+        Self::Closed {
+            concurrency: self.connections().min(256),
+        }
     }
 }
 
 impl LoadConfig {
     fn check(&self) -> Result<(), LoadError> {
         if self.workload.stream && self.workload.endpoint == Endpoint::Embeddings {
-            return Err(LoadError::Settings("--stream does not apply to --endpoint embeddings".into()));
+            return Err(LoadError::Settings(
+                "--stream does not apply to --endpoint embeddings".into(),
+            ));
         }
         match self.mode {
-            Mode::Closed { concurrency: 0 } => Err(LoadError::Settings("--concurrency must be at least 1".into())),
+            Mode::Closed { concurrency: 0 } => Err(LoadError::Settings(
+                "--concurrency must be at least 1".into(),
+            )),
             Mode::Rate { rate, .. } if !(rate > 0.0 && rate.is_finite()) => {
-                Err(LoadError::Settings("--rate must be a positive number of requests per second".into()))
+                Err(LoadError::Settings(
+                    "--rate must be a positive number of requests per second".into(),
+                ))
             }
-            Mode::Rate { max_in_flight: 0, .. } => Err(LoadError::Settings("--max-in-flight must be at least 1".into())),
-            _ if self.requests == 0 => Err(LoadError::Settings("--requests must be at least 1".into())),
+            Mode::Rate {
+                max_in_flight: 0, ..
+            } => Err(LoadError::Settings(
+                "--max-in-flight must be at least 1".into(),
+            )),
+            _ if self.requests == 0 => {
+                Err(LoadError::Settings("--requests must be at least 1".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -132,7 +150,12 @@ pub async fn run(config: &LoadConfig) -> Result<RunReport, LoadError> {
         [direct, warden] => Some(Comparison::between(direct, warden)),
         _ => None,
     };
-    Ok(RunReport { workload: config.workload.clone(), mode: config.mode.describe(), targets, comparison })
+    Ok(RunReport {
+        workload: config.workload.clone(),
+        mode: config.mode.describe(),
+        targets,
+        comparison,
+    })
 }
 
 /// Warms `target` up, then measures it.
@@ -156,10 +179,15 @@ async fn measure(config: &LoadConfig, target: &Target) -> Result<TargetReport, L
 
     if config.warmup > 0 {
         tracing::info!(target.name = %target.name, requests = config.warmup, "warming up");
-        driver::run(pass(format!("{} warm-up", target.name), config.warmup), config.mode.warmup()).await;
+        driver::run(
+            pass(format!("{} warm-up", target.name), config.warmup),
+            config.mode.warmup(),
+        )
+        .await;
     }
     tracing::info!(target.name = %target.name, requests = config.requests, "measuring");
-    let (recorder, elapsed) = driver::run(pass(target.name.clone(), config.requests), config.mode).await;
+    let (recorder, elapsed) =
+        driver::run(pass(target.name.clone(), config.requests), config.mode).await;
     Ok(recorder.report(&target.name, &target.base_url, elapsed))
 }
 

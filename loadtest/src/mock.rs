@@ -74,7 +74,12 @@ pub struct MockConfig {
 
 impl Default for MockConfig {
     fn default() -> Self {
-        Self { api_key: None, default_tokens: 16, default_token_delay: Duration::ZERO, fixtures: None }
+        Self {
+            api_key: None,
+            default_tokens: 16,
+            default_token_delay: Duration::ZERO,
+            fixtures: None,
+        }
     }
 }
 
@@ -126,7 +131,11 @@ impl MockProvider {
 
         tokio::spawn(accept(listener, router(state.clone()), stopping));
         tracing::info!(%addr, "mock provider listening");
-        Ok(MockProvider { addr, state, shutdown })
+        Ok(MockProvider {
+            addr,
+            state,
+            shutdown,
+        })
     }
 
     /// The address the mock is bound to.
@@ -223,15 +232,27 @@ async fn serve_connection(socket: TcpStream, router: Router, mut stopping: watch
 
 // ===== handlers =====
 
-async fn chat_completions(State(state): State<Arc<ProviderState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat_completions(
+    State(state): State<Arc<ProviderState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     exchange::answer(state, Endpoint::Chat, headers, body).await
 }
 
-async fn responses(State(state): State<Arc<ProviderState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn responses(
+    State(state): State<Arc<ProviderState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     exchange::answer(state, Endpoint::Responses, headers, body).await
 }
 
-async fn embeddings(State(state): State<Arc<ProviderState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn embeddings(
+    State(state): State<Arc<ProviderState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     exchange::answer(state, Endpoint::Embeddings, headers, body).await
 }
 
@@ -256,8 +277,16 @@ async fn models(State(state): State<Arc<ProviderState>>, headers: HeaderMap) -> 
     if let Err(error) = exchange::authenticate(&state, &headers) {
         return error.into_response();
     }
-    let data = MODELS.iter().map(|id| Model { id, object: "model", created: 1_700_000_000, owned_by: "mock" });
-    let list = ModelList { object: "list", data: data.collect() };
+    let data = MODELS.iter().map(|id| Model {
+        id,
+        object: "model",
+        created: 1_700_000_000,
+        owned_by: "mock",
+    });
+    let list = ModelList {
+        object: "list",
+        data: data.collect(),
+    };
     let mut body = Vec::with_capacity(512);
     stream::write_json(&mut body, &list);
     json_response(body)
@@ -268,7 +297,10 @@ struct TruthQuery {
     tag: Option<String>,
 }
 
-async fn read_truth(State(state): State<Arc<ProviderState>>, Query(query): Query<TruthQuery>) -> Response {
+async fn read_truth(
+    State(state): State<Arc<ProviderState>>,
+    Query(query): Query<TruthQuery>,
+) -> Response {
     let truth = state.ledger.snapshot(query.tag.as_deref());
     let mut body = Vec::with_capacity(1024);
     stream::write_json(&mut body, &truth);

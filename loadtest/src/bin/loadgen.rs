@@ -1,6 +1,7 @@
 //! Drives the same workload at the mock directly and then through Warden,
 //! and prints both and the difference. The logic lives in `loadtest::loadgen`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -82,8 +83,11 @@ enum ModeArg {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     match run(Args::parse()).await {
@@ -110,10 +114,18 @@ async fn run(args: Args) -> Result<RunReport, Box<dyn std::error::Error>> {
 
 fn config(args: Args) -> Result<LoadConfig, loadgen::LoadError> {
     let mode = match args.mode {
-        ModeArg::Closed => Mode::Closed { concurrency: args.concurrency },
-        ModeArg::Rate => Mode::Rate { rate: args.rate.unwrap_or(0.0), max_in_flight: args.max_in_flight },
+        ModeArg::Closed => Mode::Closed {
+            concurrency: args.concurrency,
+        },
+        ModeArg::Rate => Mode::Rate {
+            rate: args.rate.unwrap_or(0.0),
+            max_in_flight: args.max_in_flight,
+        },
     };
-    let warden = args.warden.as_deref().map(|url| Target::new("warden", url, args.warden_key.as_deref()));
+    let warden = args
+        .warden
+        .as_deref()
+        .map(|url| Target::new("warden", url, args.warden_key.as_deref()));
     Ok(LoadConfig {
         direct: Target::new("direct", &args.direct, Some(&args.direct_key))?,
         warden: warden.transpose()?,

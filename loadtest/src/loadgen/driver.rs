@@ -50,13 +50,23 @@ struct Shared {
 
 /// Runs `pass` under `mode`; returns its samples and how long it took.
 pub(crate) async fn run(pass: Pass, mode: Mode) -> (Recorder, Duration) {
-    let shared = Arc::new(Shared { pass, recorder: Mutex::new(Recorder::new()), progress: Progress::default() });
-    let ticker = shared.pass.progress.then(|| tokio::spawn(report_progress(shared.clone())));
+    let shared = Arc::new(Shared {
+        pass,
+        recorder: Mutex::new(Recorder::new()),
+        progress: Progress::default(),
+    });
+    let ticker = shared
+        .pass
+        .progress
+        .then(|| tokio::spawn(report_progress(shared.clone())));
 
     let started = Instant::now();
     match mode {
         Mode::Closed { concurrency } => closed_loop(&shared, concurrency).await,
-        Mode::Rate { rate, max_in_flight } => open_loop(&shared, rate, max_in_flight).await,
+        Mode::Rate {
+            rate,
+            max_in_flight,
+        } => open_loop(&shared, rate, max_in_flight).await,
     }
     let elapsed = started.elapsed();
 
@@ -100,7 +110,8 @@ async fn open_loop(shared: &Arc<Shared>, rate: f64, max_in_flight: usize) {
             break;
         }
         tokio::time::sleep_until(due).await;
-        let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await else {
+        let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await
+        else {
             break;
         };
         let shared = shared.clone();
@@ -119,12 +130,14 @@ async fn open_loop(shared: &Arc<Shared>, rate: f64, max_in_flight: usize) {
 async fn measure(shared: &Shared, start: Instant) {
     let pass = &shared.pass;
     let limit = (start + pass.timeout).min(pass.deadline);
-    let outcome = match tokio::time::timeout_at(limit, exchange::send(&pass.client, &pass.call, start)).await {
-        Ok(Ok(sample)) => Outcome::Done(sample),
-        Ok(Err(failure)) => Outcome::Failed(failure),
-        Err(_) if limit == pass.deadline => Outcome::Cancelled,
-        Err(_) => Outcome::Failed(exchange::Failure::Timeout),
-    };
+    let outcome =
+        match tokio::time::timeout_at(limit, exchange::send(&pass.client, &pass.call, start)).await
+        {
+            Ok(Ok(sample)) => Outcome::Done(sample),
+            Ok(Err(failure)) => Outcome::Failed(failure),
+            Err(_) if limit == pass.deadline => Outcome::Cancelled,
+            Err(_) => Outcome::Failed(exchange::Failure::Timeout),
+        };
 
     if matches!(outcome, Outcome::Failed(_)) {
         shared.progress.errors.fetch_add(1, Ordering::Relaxed);
@@ -136,7 +149,9 @@ async fn measure(shared: &Shared, start: Instant) {
 impl Shared {
     fn lock_recorder(&self) -> std::sync::MutexGuard<'_, Recorder> {
         // Recording is a few histogram updates; a panic mid-way loses at most one sample.
-        self.recorder.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.recorder
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -159,6 +174,10 @@ fn print_progress(shared: &Shared, rate: f64, done: u64) {
     let errors = shared.progress.errors.load(Ordering::Relaxed);
     let pass = &shared.pass;
     let mut stderr = std::io::stderr().lock();
-    let _ = write!(stderr, "\r{}: {done}/{} done, {rate:.0} req/s, {errors} errors   ", pass.label, pass.requests);
+    let _ = write!(
+        stderr,
+        "\r{}: {done}/{} done, {rate:.0} req/s, {errors} errors   ",
+        pass.label, pass.requests
+    );
     let _ = stderr.flush();
 }

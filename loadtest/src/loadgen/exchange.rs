@@ -80,17 +80,27 @@ impl Failure {
 }
 
 /// Sends `call` and times it from `start`.
-pub(crate) async fn send(client: &HttpClient, call: &Call, start: Instant) -> Result<Sample, Failure> {
+pub(crate) async fn send(
+    client: &HttpClient,
+    call: &Call,
+    start: Instant,
+) -> Result<Sample, Failure> {
     let mut request = Request::post(call.uri.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .body(Full::new(call.body.clone()))
         .map_err(|_| Failure::Transport)?;
     if let Some(authorization) = &call.authorization {
-        request.headers_mut().insert(AUTHORIZATION, authorization.clone());
+        request
+            .headers_mut()
+            .insert(AUTHORIZATION, authorization.clone());
     }
 
     let response = client.request(request).await.map_err(|e| {
-        if e.is_connect() { Failure::Connect } else { Failure::Transport }
+        if e.is_connect() {
+            Failure::Connect
+        } else {
+            Failure::Transport
+        }
     })?;
     let status = response.status();
     let mut body = response.into_body();
@@ -131,8 +141,18 @@ struct Timings {
 
 impl EventClock {
     fn new(start: Instant, stream: bool) -> Self {
-        let timings = Timings { start, last_event: None, sample: Sample::default(), ended: false };
-        Self { stream, pending: Vec::new(), scanned: 0, timings }
+        let timings = Timings {
+            start,
+            last_event: None,
+            sample: Sample::default(),
+            ended: false,
+        };
+        Self {
+            stream,
+            pending: Vec::new(),
+            scanned: 0,
+            timings,
+        }
     }
 
     fn push(&mut self, data: &[u8]) {
@@ -244,7 +264,10 @@ fn classify(event: &[u8], want_content: bool) -> EventKind {
 }
 
 fn is_final_event(name: &str) -> bool {
-    matches!(name, "response.completed" | "response.incomplete" | "response.failed")
+    matches!(
+        name,
+        "response.completed" | "response.incomplete" | "response.failed"
+    )
 }
 
 /// The few fields that tell what a JSON event carries.
@@ -279,15 +302,27 @@ fn probe(data: &str) -> EventKind {
         if is_final_event(&kind) {
             return EventKind::End;
         }
-        return if kind.ends_with(".delta") { EventKind::Content } else { EventKind::Other };
+        return if kind.ends_with(".delta") {
+            EventKind::Content
+        } else {
+            EventKind::Other
+        };
     }
 
-    let has_content = probe.choices.iter().filter_map(|c| c.delta.as_ref()).any(|d| {
-        d.content.as_deref().is_some_and(|c| !c.is_empty())
-            || d.reasoning.as_deref().is_some_and(|r| !r.is_empty())
-            || d.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
-    });
-    if has_content { EventKind::Content } else { EventKind::Other }
+    let has_content = probe
+        .choices
+        .iter()
+        .filter_map(|c| c.delta.as_ref())
+        .any(|d| {
+            d.content.as_deref().is_some_and(|c| !c.is_empty())
+                || d.reasoning.as_deref().is_some_and(|r| !r.is_empty())
+                || d.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
+        });
+    if has_content {
+        EventKind::Content
+    } else {
+        EventKind::Other
+    }
 }
 
 #[cfg(test)]
@@ -315,13 +350,19 @@ mod tests {
             let (pending, clock) = events_of(&[&body[..split], &body[split..]]);
             assert!(pending.is_empty(), "split at {split}");
             assert_eq!(clock.timings.sample.gaps.len(), 2, "split at {split}");
-            assert!(clock.timings.sample.ttft.is_some() && clock.timings.ended, "split at {split}");
+            assert!(
+                clock.timings.sample.ttft.is_some() && clock.timings.ended,
+                "split at {split}"
+            );
         }
     }
 
     #[test]
     fn crlf_framed_events_are_found() {
-        let (_, clock) = events_of(&[b"event: response.output_text.delta\r\ndata: {}\r\n\r\n", b"data: [DONE]\r\n\r\n"]);
+        let (_, clock) = events_of(&[
+            b"event: response.output_text.delta\r\ndata: {}\r\n\r\n",
+            b"data: [DONE]\r\n\r\n",
+        ]);
         assert!(clock.timings.sample.ttft.is_some() && clock.timings.ended);
     }
 
@@ -345,8 +386,14 @@ mod tests {
     #[test]
     fn final_events_end_the_stream() {
         assert_eq!(classify(b"data: [DONE]", false), EventKind::End);
-        assert_eq!(classify(b"event: response.completed\ndata: {}", false), EventKind::End);
-        assert_eq!(classify(br#"data: {"type":"response.incomplete"}"#, false), EventKind::End);
+        assert_eq!(
+            classify(b"event: response.completed\ndata: {}", false),
+            EventKind::End
+        );
+        assert_eq!(
+            classify(br#"data: {"type":"response.incomplete"}"#, false),
+            EventKind::End
+        );
     }
 
     #[test]

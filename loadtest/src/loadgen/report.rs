@@ -59,7 +59,12 @@ impl Recorder {
                     self.gaps.saturating_record(gap);
                 }
             }
-            Outcome::Failed(failure) => *self.failures.entry(failure.label().into_owned()).or_default() += 1,
+            Outcome::Failed(failure) => {
+                *self
+                    .failures
+                    .entry(failure.label().into_owned())
+                    .or_default() += 1
+            }
             Outcome::Cancelled => self.cancelled += 1,
         }
     }
@@ -75,7 +80,11 @@ impl Recorder {
             errors_by_kind: self.failures.clone(),
             cancelled: self.cancelled,
             elapsed_secs: secs,
-            throughput_rps: if secs > 0.0 { self.ok as f64 / secs } else { 0.0 },
+            throughput_rps: if secs > 0.0 {
+                self.ok as f64 / secs
+            } else {
+                0.0
+            },
             latency_us: Percentiles::of(&self.latency),
             ttft_us: Percentiles::of(&self.ttft),
             inter_event_us: Percentiles::of(&self.gaps),
@@ -88,11 +97,14 @@ impl Recorder {
 const HIGHEST_US: u64 = 3_600_000_000;
 
 fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIGHEST_US, 3).expect("1 µs to 1 h at 3 significant figures is a valid histogram")
+    Histogram::new_with_bounds(1, HIGHEST_US, 3)
+        .expect("1 µs to 1 h at 3 significant figures is a valid histogram")
 }
 
 fn micros(duration: Duration) -> u64 {
-    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(duration.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Latency percentiles in microseconds.
@@ -155,20 +167,31 @@ pub struct Comparison {
     pub throughput_ratio: Option<f64>,
 }
 
+/// Picks one measure (latency, TTFT, inter-event) out of a target's report.
+type Measure = fn(&TargetReport) -> Option<Percentiles>;
+/// Picks one quantile out of a measure.
+type Quantile = fn(&Percentiles) -> u64;
+
+const LATENCY: Measure = |r| r.latency_us;
+const TTFT: Measure = |r| r.ttft_us;
+const INTER_EVENT: Measure = |r| r.inter_event_us;
+const P50: Quantile = |p| p.p50;
+const P99: Quantile = |p| p.p99;
+
 impl Comparison {
     pub fn between(direct: &TargetReport, warden: &TargetReport) -> Self {
-        let added = |pick: fn(&TargetReport) -> Option<Percentiles>, at: fn(&Percentiles) -> u64| {
-            Some(at(&pick(warden)?) as i64 - at(&pick(direct)?) as i64)
+        let added = |measure: Measure, quantile: Quantile| {
+            Some(quantile(&measure(warden)?) as i64 - quantile(&measure(direct)?) as i64)
         };
-        let (p50, p99): (fn(&Percentiles) -> u64, fn(&Percentiles) -> u64) = (|p| p.p50, |p| p.p99);
         Self {
-            added_latency_p50_us: added(|r| r.latency_us, p50),
-            added_latency_p99_us: added(|r| r.latency_us, p99),
-            added_ttft_p50_us: added(|r| r.ttft_us, p50),
-            added_ttft_p99_us: added(|r| r.ttft_us, p99),
-            added_inter_event_p50_us: added(|r| r.inter_event_us, p50),
-            added_inter_event_p99_us: added(|r| r.inter_event_us, p99),
-            throughput_ratio: (direct.throughput_rps > 0.0).then(|| warden.throughput_rps / direct.throughput_rps),
+            added_latency_p50_us: added(LATENCY, P50),
+            added_latency_p99_us: added(LATENCY, P99),
+            added_ttft_p50_us: added(TTFT, P50),
+            added_ttft_p99_us: added(TTFT, P99),
+            added_inter_event_p50_us: added(INTER_EVENT, P50),
+            added_inter_event_p99_us: added(INTER_EVENT, P99),
+            throughput_ratio: (direct.throughput_rps > 0.0)
+                .then(|| warden.throughput_rps / direct.throughput_rps),
         }
     }
 }
@@ -187,7 +210,13 @@ impl fmt::Display for RunReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let w = &self.workload;
         let stream = if w.stream { "stream" } else { "whole" };
-        writeln!(f, "workload: {:?} {stream}, model {}, mode {}", w.endpoint, w.model, self.mode)?;
+        writeln!(
+            f,
+            "workload: {} {stream}, model {}, mode {}",
+            w.endpoint.path(),
+            w.model,
+            self.mode
+        )?;
         f.write_str(&Table::new(self).render())
     }
 }
@@ -200,12 +229,20 @@ struct Table<'a> {
 
 impl<'a> Table<'a> {
     fn new(report: &'a RunReport) -> Self {
-        Self { report, rows: Vec::new() }
+        Self {
+            report,
+            rows: Vec::new(),
+        }
     }
 
     fn render(mut self) -> String {
         let comparison = self.report.comparison.as_ref();
-        let mut header = [String::from("metric"), String::new(), String::new(), String::new()];
+        let mut header = [
+            String::from("metric"),
+            String::new(),
+            String::new(),
+            String::new(),
+        ];
         for (column, target) in self.report.targets.iter().enumerate().take(2) {
             header[column + 1] = target.name.clone();
         }
@@ -215,12 +252,26 @@ impl<'a> Table<'a> {
         self.rows.push(header);
 
         self.counts();
-        let ratio = comparison.and_then(|c| c.throughput_ratio).map(|r| format!("×{r:.3}"));
-        self.row("throughput req/s", |t| Some(format!("{:.1}", t.throughput_rps)), ratio);
-        self.latencies("latency", |t| t.latency_us, comparison.map(|c| (c.added_latency_p50_us, c.added_latency_p99_us)));
-        self.latencies("ttft", |t| t.ttft_us, comparison.map(|c| (c.added_ttft_p50_us, c.added_ttft_p99_us)));
+        let ratio = comparison
+            .and_then(|c| c.throughput_ratio)
+            .map(|r| format!("×{r:.3}"));
+        self.row(
+            "throughput req/s",
+            |t| Some(format!("{:.1}", t.throughput_rps)),
+            ratio,
+        );
+        self.latencies(
+            "latency",
+            LATENCY,
+            comparison.map(|c| (c.added_latency_p50_us, c.added_latency_p99_us)),
+        );
+        self.latencies(
+            "ttft",
+            TTFT,
+            comparison.map(|c| (c.added_ttft_p50_us, c.added_ttft_p99_us)),
+        );
         let inter = comparison.map(|c| (c.added_inter_event_p50_us, c.added_inter_event_p99_us));
-        self.latencies("inter-event", |t| t.inter_event_us, inter);
+        self.latencies("inter-event", INTER_EVENT, inter);
         self.layout()
     }
 
@@ -228,44 +279,78 @@ impl<'a> Table<'a> {
         self.row("requests ok", |t| Some(t.requests_ok.to_string()), None);
         self.row("errors", |t| Some(t.errors.to_string()), None);
         let kinds = |t: &TargetReport| {
-            let kinds: Vec<String> = t.errors_by_kind.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            let kinds: Vec<String> = t
+                .errors_by_kind
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect();
             (!kinds.is_empty()).then(|| kinds.join(", "))
         };
         if self.report.targets.iter().any(|t| t.errors > 0) {
             self.row("  by kind", kinds, None);
         }
         if self.report.targets.iter().any(|t| t.cancelled > 0) {
-            self.row("cancelled at time cap", |t| Some(t.cancelled.to_string()), None);
+            self.row(
+                "cancelled at time cap",
+                |t| Some(t.cancelled.to_string()),
+                None,
+            );
         }
-        self.row("elapsed s", |t| Some(format!("{:.2}", t.elapsed_secs)), None);
+        self.row(
+            "elapsed s",
+            |t| Some(format!("{:.2}", t.elapsed_secs)),
+            None,
+        );
     }
 
     /// Rows p50..max of one measure; the difference column on p50 and p99.
     fn latencies(
         &mut self,
-        measure: &str,
-        pick: fn(&TargetReport) -> Option<Percentiles>,
+        name: &str,
+        measure: Measure,
         added: Option<(Option<i64>, Option<i64>)>,
     ) {
-        if self.report.targets.iter().all(|t| pick(t).is_none()) {
+        if self.report.targets.iter().all(|t| measure(t).is_none()) {
             return;
         }
         let (added_p50, added_p99) = added.unwrap_or((None, None));
-        let signed = |us: Option<i64>| us.map(|us| format!("{}{}", if us < 0 { "-" } else { "+" }, ms(us.unsigned_abs())));
-        let quantiles: [(&str, fn(&Percentiles) -> u64, Option<String>); 5] = [
-            ("p50", |p| p.p50, signed(added_p50)),
+        let signed = |us: Option<i64>| {
+            us.map(|us| {
+                format!(
+                    "{}{}",
+                    if us < 0 { "-" } else { "+" },
+                    ms(us.unsigned_abs())
+                )
+            })
+        };
+        let quantiles: [(&str, Quantile, Option<String>); 5] = [
+            ("p50", P50, signed(added_p50)),
             ("p90", |p| p.p90, None),
-            ("p99", |p| p.p99, signed(added_p99)),
+            ("p99", P99, signed(added_p99)),
             ("p99.9", |p| p.p999, None),
             ("max", |p| p.max, None),
         ];
         for (label, at, difference) in quantiles {
-            self.row(&format!("{measure} {label}"), |t| pick(t).map(|p| ms(at(&p))), difference);
+            self.row(
+                &format!("{name} {label}"),
+                |t| measure(t).map(|p| ms(at(&p))),
+                difference,
+            );
         }
     }
 
-    fn row(&mut self, label: &str, cell: impl Fn(&TargetReport) -> Option<String>, difference: Option<String>) {
-        let mut row = [label.to_owned(), String::new(), String::new(), difference.unwrap_or_default()];
+    fn row(
+        &mut self,
+        label: &str,
+        cell: impl Fn(&TargetReport) -> Option<String>,
+        difference: Option<String>,
+    ) {
+        let mut row = [
+            label.to_owned(),
+            String::new(),
+            String::new(),
+            difference.unwrap_or_default(),
+        ];
         for (column, target) in self.report.targets.iter().enumerate().take(2) {
             row[column + 1] = cell(target).unwrap_or_else(|| "-".into());
         }
@@ -346,7 +431,12 @@ mod tests {
             token_delay_us: None,
             tag: "t".into(),
         };
-        let run = RunReport { workload, mode: "closed".into(), targets: vec![direct, warden], comparison: Some(comparison) };
+        let run = RunReport {
+            workload,
+            mode: "closed".into(),
+            targets: vec![direct, warden],
+            comparison: Some(comparison),
+        };
         let table = run.to_string();
         assert!(table.contains("latency p99"), "{table}");
         assert!(table.contains("+1.0"), "{table}");

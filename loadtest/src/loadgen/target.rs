@@ -31,18 +31,30 @@ impl Target {
         if uri.scheme_str() != Some("http") {
             return Err(invalid(base_url, &"only http:// URLs are supported"));
         }
-        let host = uri.host().ok_or_else(|| invalid(base_url, &"the URL has no host"))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| invalid(base_url, &"the URL has no host"))?;
         if !is_loopback(host) {
-            return Err(LoadError::NotLoopback { url: base_url.to_owned(), host: host.to_owned() });
+            return Err(LoadError::NotLoopback {
+                url: base_url.to_owned(),
+                host: host.to_owned(),
+            });
         }
 
         let authorization = key
             .map(|key| HeaderValue::try_from(format!("Bearer {key}")))
             .transpose()
-            .map_err(|_| LoadError::Settings(format!("the key for {name} is not a valid header value")))?;
+            .map_err(|_| {
+                LoadError::Settings(format!("the key for {name} is not a valid header value"))
+            })?;
         let authority = uri.authority().map_or("", |a| a.as_str());
         let base = format!("http://{authority}{}", uri.path().trim_end_matches('/'));
-        Ok(Self { name: name.to_owned(), base_url: base_url.to_owned(), base, authorization })
+        Ok(Self {
+            name: name.to_owned(),
+            base_url: base_url.to_owned(),
+            base,
+            authorization,
+        })
     }
 
     /// The full URI of `path` (e.g. `/chat/completions`) under the base URL.
@@ -61,12 +73,18 @@ pub fn is_loopback(host: &str) -> bool {
     if host.eq_ignore_ascii_case("localhost") {
         return true;
     }
-    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn invalid(url: &str, why: &dyn fmt::Display) -> LoadError {
-    LoadError::InvalidUrl { url: url.to_owned(), why: why.to_string() }
+    LoadError::InvalidUrl {
+        url: url.to_owned(),
+        why: why.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -75,18 +93,40 @@ mod tests {
 
     #[test]
     fn loopback_hosts_are_accepted() {
-        for url in ["http://127.0.0.1:9100/v1", "http://127.9.8.7/v1/", "http://localhost:8484/v1", "http://[::1]:1/v1"] {
+        for url in [
+            "http://127.0.0.1:9100/v1",
+            "http://127.9.8.7/v1/",
+            "http://localhost:8484/v1",
+            "http://[::1]:1/v1",
+        ] {
             assert!(Target::new("t", url, None).is_ok(), "{url}");
         }
     }
 
     #[test]
     fn other_hosts_are_refused() {
-        for url in ["http://10.0.0.1:9100/v1", "http://api.openai.com/v1", "http://[::2]/v1", "http://128.0.0.1/v1"] {
-            assert!(matches!(Target::new("t", url, None), Err(LoadError::NotLoopback { .. })), "{url}");
+        for url in [
+            "http://10.0.0.1:9100/v1",
+            "http://api.openai.com/v1",
+            "http://[::2]/v1",
+            "http://128.0.0.1/v1",
+        ] {
+            assert!(
+                matches!(
+                    Target::new("t", url, None),
+                    Err(LoadError::NotLoopback { .. })
+                ),
+                "{url}"
+            );
         }
-        assert!(matches!(Target::new("t", "https://127.0.0.1/v1", None), Err(LoadError::InvalidUrl { .. })));
-        assert!(matches!(Target::new("t", "127.0.0.1:9100", None), Err(LoadError::InvalidUrl { .. })));
+        assert!(matches!(
+            Target::new("t", "https://127.0.0.1/v1", None),
+            Err(LoadError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            Target::new("t", "127.0.0.1:9100", None),
+            Err(LoadError::InvalidUrl { .. })
+        ));
     }
 
     #[test]
@@ -94,6 +134,9 @@ mod tests {
         let target = Target::new("t", "http://127.0.0.1:9100/v1/", Some("k")).expect("valid");
         let uri = target.uri("/chat/completions").expect("uri");
         assert_eq!(uri.to_string(), "http://127.0.0.1:9100/v1/chat/completions");
-        assert_eq!(target.authorization().map(|v| v.as_bytes()), Some(&b"Bearer k"[..]));
+        assert_eq!(
+            target.authorization().map(|v| v.as_bytes()),
+            Some(&b"Bearer k"[..])
+        );
     }
 }

@@ -167,10 +167,16 @@ impl Outline {
             (false, false) => "tool_calls",
             (false, true) => "stop",
         };
-        let asked = exchange.request.body()["stream_options"]["include_usage"].as_bool() == Some(true);
+        let asked =
+            exchange.request.body()["stream_options"]["include_usage"].as_bool() == Some(true);
         let report_usage = exchange.options.usage && (asked || exchange.options.usage_unasked);
         let usage = usage(exchange.prompt_tokens, exchange.tokens);
-        Self { finish_reason, usage, report_usage, calls }
+        Self {
+            finish_reason,
+            usage,
+            report_usage,
+            calls,
+        }
     }
 }
 
@@ -181,7 +187,9 @@ fn usage(prompt_tokens: u64, completion_tokens: u32) -> Usage {
         completion_tokens,
         total_tokens: prompt_tokens + completion_tokens,
         prompt_tokens_details: CachedTokens { cached_tokens: 0 },
-        completion_tokens_details: ReasoningTokens { reasoning_tokens: 0 },
+        completion_tokens_details: ReasoningTokens {
+            reasoning_tokens: 0,
+        },
     }
 }
 
@@ -195,7 +203,10 @@ fn tool_call_spans(calls: u32, tokens: u32) -> Vec<ToolCallSpan> {
     }
     let (base, extra) = (tokens / calls, tokens % calls);
     (0..calls)
-        .map(|call| ToolCallSpan { first: call * base + call.min(extra), len: base + u32::from(call < extra) })
+        .map(|call| ToolCallSpan {
+            first: call * base + call.min(extra),
+            len: base + u32::from(call < extra),
+        })
         .collect()
 }
 
@@ -218,7 +229,9 @@ fn argument_fragment(span: ToolCallSpan, index: u32) -> String {
 
 /// The name of tool call `call`: the request's `tools[call]`, else a default.
 fn tool_name(body: &Value, call: usize) -> &str {
-    body["tools"][call]["function"]["name"].as_str().unwrap_or(DEFAULT_TOOL)
+    body["tools"][call]["function"]["name"]
+        .as_str()
+        .unwrap_or(DEFAULT_TOOL)
 }
 
 fn tool_call_id(request_id: &str, call: usize) -> String {
@@ -230,8 +243,15 @@ fn tool_call_id(request_id: &str, call: usize) -> String {
 fn answer_whole(exchange: &Exchange) -> Response {
     let outline = Outline::new(exchange);
     let request = &exchange.request;
-    let text = outline.calls.is_empty().then(|| tokens::completion_text(exchange.tokens));
-    let tool_calls = outline.calls.iter().enumerate().map(|(call, span)| whole_tool_call(request, call, *span));
+    let text = outline
+        .calls
+        .is_empty()
+        .then(|| tokens::completion_text(exchange.tokens));
+    let tool_calls = outline
+        .calls
+        .iter()
+        .enumerate()
+        .map(|(call, span)| whole_tool_call(request, call, *span));
 
     let message = Message {
         role: "assistant",
@@ -245,7 +265,12 @@ fn answer_whole(exchange: &Exchange) -> Response {
         object: "chat.completion",
         created: exchange.created,
         model: request.model(),
-        choices: [CompletionChoice { index: 0, message, logprobs: None, finish_reason: outline.finish_reason }],
+        choices: [CompletionChoice {
+            index: 0,
+            message,
+            logprobs: None,
+            finish_reason: outline.finish_reason,
+        }],
         usage: exchange.options.usage.then_some(outline.usage),
     };
 
@@ -255,11 +280,16 @@ fn answer_whole(exchange: &Exchange) -> Response {
 }
 
 fn whole_tool_call(request: &LiveRequest, call: usize, span: ToolCallSpan) -> WholeToolCall<'_> {
-    let arguments = (span.first..span.first + span.len).map(|index| argument_fragment(span, index)).collect();
+    let arguments = (span.first..span.first + span.len)
+        .map(|index| argument_fragment(span, index))
+        .collect();
     WholeToolCall {
         id: tool_call_id(request.id(), call),
         kind: "function",
-        function: WholeFunction { name: tool_name(request.body(), call), arguments },
+        function: WholeFunction {
+            name: tool_name(request.body(), call),
+            arguments,
+        },
     }
 }
 
@@ -300,28 +330,77 @@ impl ChatScript {
         write_data(out, &chunk);
     }
 
-    fn write_delta(&self, out: &mut Vec<u8>, delta: Delta<'_>, finish_reason: Option<&str>, usage: Option<&Usage>) {
-        let choice = ChunkChoice { index: 0, delta, logprobs: None, finish_reason };
+    fn write_delta(
+        &self,
+        out: &mut Vec<u8>,
+        delta: Delta<'_>,
+        finish_reason: Option<&str>,
+        usage: Option<&Usage>,
+    ) {
+        let choice = ChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason,
+        };
         self.write_chunk(out, &[choice], usage);
     }
 
     fn write_tool_token(&self, out: &mut Vec<u8>, index: u32) {
-        let Some((call, span)) = self.outline.calls.iter().enumerate().find(|(_, s)| index < s.first + s.len) else {
+        let Some((call, span)) = self
+            .outline
+            .calls
+            .iter()
+            .enumerate()
+            .find(|(_, s)| index < s.first + s.len)
+        else {
             return;
         };
 
         // The first token of a call is preceded by the call's header delta.
         if index == span.first {
             let id = tool_call_id(self.request.id(), call);
-            let function = FunctionDelta { name: Some(tool_name(self.request.body(), call)), arguments: "" };
-            let header = ToolCallDelta { index: call as u32, id: Some(&id), kind: Some("function"), function };
-            self.write_delta(out, Delta { tool_calls: Some([header]), ..Delta::default() }, None, None);
+            let function = FunctionDelta {
+                name: Some(tool_name(self.request.body(), call)),
+                arguments: "",
+            };
+            let header = ToolCallDelta {
+                index: call as u32,
+                id: Some(&id),
+                kind: Some("function"),
+                function,
+            };
+            self.write_delta(
+                out,
+                Delta {
+                    tool_calls: Some([header]),
+                    ..Delta::default()
+                },
+                None,
+                None,
+            );
         }
 
         let fragment = argument_fragment(*span, index);
-        let function = FunctionDelta { name: None, arguments: &fragment };
-        let delta = ToolCallDelta { index: call as u32, id: None, kind: None, function };
-        self.write_delta(out, Delta { tool_calls: Some([delta]), ..Delta::default() }, None, None);
+        let function = FunctionDelta {
+            name: None,
+            arguments: &fragment,
+        };
+        let delta = ToolCallDelta {
+            index: call as u32,
+            id: None,
+            kind: None,
+            function,
+        };
+        self.write_delta(
+            out,
+            Delta {
+                tool_calls: Some([delta]),
+                ..Delta::default()
+            },
+            None,
+            None,
+        );
     }
 }
 
@@ -330,8 +409,16 @@ impl Script for ChatScript {
         if step > 0 {
             return false;
         }
-        let content = if self.outline.calls.is_empty() { Some("") } else { None };
-        let delta = Delta { role: Some("assistant"), content: Some(content), tool_calls: None };
+        let content = if self.outline.calls.is_empty() {
+            Some("")
+        } else {
+            None
+        };
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(content),
+            tool_calls: None,
+        };
         self.write_delta(out, delta, None, None);
         true
     }
@@ -340,7 +427,10 @@ impl Script for ChatScript {
         if !self.outline.calls.is_empty() {
             return self.write_tool_token(out, index);
         }
-        let delta = Delta { content: Some(Some(tokens::token(index))), ..Delta::default() };
+        let delta = Delta {
+            content: Some(Some(tokens::token(index))),
+            ..Delta::default()
+        };
         self.write_delta(out, delta, None, None);
     }
 
@@ -350,7 +440,12 @@ impl Script for ChatScript {
         match (step, separate_usage) {
             (0, _) => {
                 let on_choice = usage.filter(|_| self.usage_on_choice_chunk);
-                self.write_delta(out, Delta::default(), Some(self.outline.finish_reason), on_choice);
+                self.write_delta(
+                    out,
+                    Delta::default(),
+                    Some(self.outline.finish_reason),
+                    on_choice,
+                );
             }
             (1, true) => self.write_chunk(out, &[], usage),
             (1, false) | (2, true) => out.extend_from_slice(b"data: [DONE]\n\n"),

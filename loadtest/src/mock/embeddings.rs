@@ -54,8 +54,15 @@ pub(crate) fn answer(exchange: Exchange) -> Response {
     let base64 = body.get("encoding_format").and_then(Value::as_str) == Some("base64");
     exchange.request.finish();
 
-    let data = (0..inputs).map(|index| Embedding { object: "embedding", index, embedding: vector(index, base64) });
-    let usage = Usage { prompt_tokens: exchange.prompt_tokens, total_tokens: exchange.prompt_tokens };
+    let data = (0..inputs).map(|index| Embedding {
+        object: "embedding",
+        index,
+        embedding: vector(index, base64),
+    });
+    let usage = Usage {
+        prompt_tokens: exchange.prompt_tokens,
+        total_tokens: exchange.prompt_tokens,
+    };
     let list = EmbeddingList {
         object: "list",
         data: data.collect(),
@@ -86,7 +93,11 @@ fn encode_base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for group in bytes.chunks(3) {
-        let b = [group[0], *group.get(1).unwrap_or(&0), *group.get(2).unwrap_or(&0)];
+        let b = [
+            group[0],
+            *group.get(1).unwrap_or(&0),
+            *group.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
             let symbol = ALPHABET[(n >> shift) as usize & 63] as char;

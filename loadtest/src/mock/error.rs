@@ -46,7 +46,9 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             Self::InvalidKey => StatusCode::UNAUTHORIZED,
-            Self::InvalidJson(_) | Self::InvalidMock(_) | Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) | Self::InvalidMock(_) | Self::BadRequest => {
+                StatusCode::BAD_REQUEST
+            }
             Self::ReplayUnavailable(_) => StatusCode::BAD_REQUEST,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
@@ -62,10 +64,16 @@ impl ApiError {
             Self::InvalidMock(_) => ("invalid_request_error", Some("invalid_value"), Some("mock")),
             Self::RateLimited => ("requests", Some("rate_limit_exceeded"), None),
             Self::ServerError => ("server_error", None, None),
-            Self::BadRequest => ("invalid_request_error", Some("invalid_value"), Some("messages")),
-            Self::ReplayUnavailable(_) => {
-                ("invalid_request_error", Some("invalid_value"), Some("mock.replay"))
-            }
+            Self::BadRequest => (
+                "invalid_request_error",
+                Some("invalid_value"),
+                Some("messages"),
+            ),
+            Self::ReplayUnavailable(_) => (
+                "invalid_request_error",
+                Some("invalid_value"),
+                Some("mock.replay"),
+            ),
             Self::UnknownUrl(_) => ("invalid_request_error", Some("unknown_url"), None),
         }
     }
@@ -90,12 +98,22 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let message = self.message();
         let (kind, code, param) = self.shape();
-        let envelope = Envelope { error: Body { message: &message, kind, param, code } };
+        let envelope = Envelope {
+            error: Body {
+                message: &message,
+                kind,
+                param,
+                code,
+            },
+        };
         let body = serde_json::to_vec(&envelope).unwrap_or_default();
 
         let mut response = (self.status(), body).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if matches!(self, Self::RateLimited) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

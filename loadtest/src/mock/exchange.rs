@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::options::MockOptions;
 use super::truth::{Admission, LiveRequest};
-use super::{ProviderState, chat, embeddings, replay, tokens};
+use super::{ProviderState, chat, embeddings, replay, responses, tokens};
 
 /// The OpenAI endpoints the mock generates answers for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,14 +104,22 @@ async fn exchange(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let authorization = authenticate(state, headers)?;
-    let body: Value = serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let body: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     let options = MockOptions::from_body(&body)?;
     if options.replay.is_some() {
         return replay::answer(state, endpoint, options, authorization, body).await;
     }
 
     let error = options.error_fault();
-    let exchange = admit(state, endpoint, options, authorization, body, error.is_some());
+    let exchange = admit(
+        state,
+        endpoint,
+        options,
+        authorization,
+        body,
+        error.is_some(),
+    );
     if let Some(delay) = exchange.options.header_delay() {
         tokio::time::sleep(delay).await;
     }
@@ -122,13 +130,16 @@ async fn exchange(
 
     Ok(match endpoint {
         Endpoint::Chat => chat::answer(exchange).await,
-        Endpoint::Responses => super::responses::answer(exchange).await,
+        Endpoint::Responses => responses::answer(exchange).await,
         Endpoint::Embeddings => embeddings::answer(exchange),
     })
 }
 
 /// Checks the bearer key; returns the `Authorization` header as received.
-pub(crate) fn authenticate(state: &ProviderState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn authenticate(
+    state: &ProviderState,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ApiError> {
     let received = headers.get(header::AUTHORIZATION);
     if let Some(expected) = &state.bearer
         && received.map(HeaderValue::as_bytes) != Some(expected.as_bytes())
@@ -152,11 +163,22 @@ fn admit(
     let requested = options.tokens(&state.config);
     let cap = endpoint.cap(&body);
     let tokens = cap.map_or(requested, |cap| cap.min(u64::from(requested)) as u32);
-    let prompt_tokens = if failing { 0 } else { endpoint.prompt_tokens(&body) };
+    let prompt_tokens = if failing {
+        0
+    } else {
+        endpoint.prompt_tokens(&body)
+    };
     let stream = endpoint.streams(&body) && !failing;
 
     let id = state.next_id(endpoint.id_prefix());
-    tracing::debug!(request.id = %id, endpoint = endpoint.path(), tag = %options.tag, tokens, stream, "admitted");
+    tracing::debug!(
+        request.id = %id,
+        endpoint = endpoint.path(),
+        tag = %options.tag,
+        tokens,
+        stream,
+        "admitted"
+    );
     let admission = Admission {
         id,
         tag: &options.tag,
@@ -196,13 +218,18 @@ impl Exchange {
 
 /// Seconds since the Unix epoch.
 pub(crate) fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A `200 application/json` response from already serialized bytes.
 pub(crate) fn json_response(body: Vec<u8>) -> Response {
     let mut response = Response::new(Body::from(body));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -213,7 +240,10 @@ where
 {
     let mut response = Response::new(Body::from_stream(events));
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }

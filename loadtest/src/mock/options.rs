@@ -97,7 +97,8 @@ impl MockOptions {
 
     /// Pacing between streamed token events.
     pub(crate) fn token_delay(&self, config: &MockConfig) -> Duration {
-        self.token_delay_us.map_or(config.default_token_delay, Duration::from_micros)
+        self.token_delay_us
+            .map_or(config.default_token_delay, Duration::from_micros)
     }
 
     /// The error response to send instead of a completion, if any.
@@ -140,7 +141,8 @@ mod tests {
 
     #[test]
     fn fields_are_read_and_faults_classified() {
-        let body = json!({"mock": {"tokens": 3, "fault": "disconnect_after", "after": 2, "usage": false}});
+        let body =
+            json!({"mock": {"tokens": 3, "fault": "disconnect_after", "after": 2, "usage": false}});
         let options = MockOptions::from_body(&body).expect("valid");
         assert_eq!(options.tokens, Some(3));
         assert!(!options.usage);
@@ -151,6 +153,9 @@ mod tests {
     #[test]
     fn unknown_fault_is_rejected() {
         let body = json!({"mock": {"fault": "explode"}});
-        assert!(matches!(MockOptions::from_body(&body), Err(ApiError::InvalidMock(_))));
+        assert!(matches!(
+            MockOptions::from_body(&body),
+            Err(ApiError::InvalidMock(_))
+        ));
     }
 }

@@ -67,7 +67,10 @@ struct MetaUsage {
 
 impl Fixtures {
     pub(crate) fn new(dir: Option<PathBuf>) -> Self {
-        Self { dir, cache: Mutex::default() }
+        Self {
+            dir,
+            cache: Mutex::default(),
+        }
     }
 
     /// The fixture `name`, read from disk on first use.
@@ -77,7 +80,9 @@ impl Fixtures {
             return Err(ApiError::ReplayUnavailable(why.to_owned()));
         };
         if !is_plain_name(name) {
-            return Err(ApiError::ReplayUnavailable(format!("'{name}' is not a fixture folder name")));
+            return Err(ApiError::ReplayUnavailable(format!(
+                "'{name}' is not a fixture folder name"
+            )));
         }
         if let Some(fixture) = self.lock().get(name) {
             return Ok(fixture.clone());
@@ -96,7 +101,9 @@ impl Fixtures {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Fixture>>> {
         // The cache holds only complete entries, so a poisoned lock is safe to reuse.
-        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -104,7 +111,9 @@ impl Fixtures {
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 impl Fixture {
@@ -119,11 +128,14 @@ impl Fixture {
             Err(e) => return Err(e),
         };
 
-        let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("meta.json: bad {what}"));
+        let invalid = |what: &str| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("meta.json: bad {what}"))
+        };
         let usage = meta.usage.as_ref();
         Ok(Self {
             status: StatusCode::from_u16(meta.http_status).map_err(|_| invalid("http_status"))?,
-            content_type: HeaderValue::try_from(meta.content_type).map_err(|_| invalid("content_type"))?,
+            content_type: HeaderValue::try_from(meta.content_type)
+                .map_err(|_| invalid("content_type"))?,
             body,
             input_tokens: usage.and_then(|u| u.input_tokens).unwrap_or(0),
             output_tokens: usage.and_then(|u| u.output_tokens).unwrap_or(0),
@@ -195,7 +207,9 @@ fn respond(fixture: Arc<Fixture>, request: Arc<LiveRequest>, delay: Duration) ->
 
     let mut response = Response::new(body);
     *response.status_mut() = fixture.status;
-    response.headers_mut().insert(header::CONTENT_TYPE, fixture.content_type.clone());
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, fixture.content_type.clone());
     response
 }
 
@@ -206,17 +220,22 @@ fn paced_events(
     request: Arc<LiveRequest>,
     delay: Duration,
 ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
-    futures_util::stream::unfold((0usize, fixture, request), move |(index, fixture, request)| async move {
-        let Recording::Events(events) = &fixture.body else { return None };
-        let Some(event) = events.get(index).cloned() else {
-            request.finish();
-            return None;
-        };
-        if index > 0 && !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Some((Ok(event), (index + 1, fixture, request)))
-    })
+    futures_util::stream::unfold(
+        (0usize, fixture, request),
+        move |(index, fixture, request)| async move {
+            let Recording::Events(events) = &fixture.body else {
+                return None;
+            };
+            let Some(event) = events.get(index).cloned() else {
+                request.finish();
+                return None;
+            };
+            if index > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Some((Ok(event), (index + 1, fixture, request)))
+        },
+    )
 }
 
 #[cfg(test)]
@@ -227,8 +246,14 @@ mod tests {
     fn events_split_after_blank_lines_and_rejoin_exactly() {
         let body = Bytes::from_static(b"data: a\n\nevent: x\ndata: b\n\ndata: [DONE]\n\n");
         let events = split_events(&body);
-        assert_eq!(events, ["data: a\n\n", "event: x\ndata: b\n\n", "data: [DONE]\n\n"]);
-        assert_eq!(split_events(&Bytes::from_static(b"data: a\n\ntail")).len(), 2);
+        assert_eq!(
+            events,
+            ["data: a\n\n", "event: x\ndata: b\n\n", "data: [DONE]\n\n"]
+        );
+        assert_eq!(
+            split_events(&Bytes::from_static(b"data: a\n\ntail")).len(),
+            2
+        );
     }
 
     #[test]

@@ -212,14 +212,20 @@ impl Outline {
             input_tokens: exchange.prompt_tokens,
             input_tokens_details: CachedTokens { cached_tokens: 0 },
             output_tokens,
-            output_tokens_details: ReasoningTokens { reasoning_tokens: 0 },
+            output_tokens_details: ReasoningTokens {
+                reasoning_tokens: 0,
+            },
             total_tokens: exchange.prompt_tokens + output_tokens,
         };
         Self {
             request: exchange.request.clone(),
             item_id,
             created: exchange.created,
-            end: if exchange.capped { Stage::Incomplete } else { Stage::Completed },
+            end: if exchange.capped {
+                Stage::Incomplete
+            } else {
+                Stage::Completed
+            },
             usage,
             report_usage: exchange.options.usage,
         }
@@ -231,7 +237,13 @@ impl Outline {
             Stage::Completed => "completed",
             Stage::Incomplete => "incomplete",
         };
-        MessageItem { id: &self.item_id, kind: "message", status, content, role: "assistant" }
+        MessageItem {
+            id: &self.item_id,
+            kind: "message",
+            status,
+            content,
+            role: "assistant",
+        }
     }
 
     fn response<'a>(&'a self, stage: Stage, output: &'a [MessageItem<'a>]) -> ResponseObject<'a> {
@@ -240,7 +252,9 @@ impl Outline {
             Stage::InProgress => ("in_progress", None, None, None),
             Stage::Completed => ("completed", Some(self.created), None, self.reported_usage()),
             Stage::Incomplete => {
-                let details = IncompleteDetails { reason: "max_output_tokens" };
+                let details = IncompleteDetails {
+                    reason: "max_output_tokens",
+                };
                 ("incomplete", None, Some(details), self.reported_usage())
             }
         };
@@ -260,11 +274,17 @@ impl Outline {
             output,
             parallel_tool_calls: true,
             previous_response_id: None,
-            reasoning: Reasoning { effort: None, summary: None },
+            reasoning: Reasoning {
+                effort: None,
+                summary: None,
+            },
             service_tier: "default",
             store: body.get("store").and_then(Value::as_bool).unwrap_or(true),
             temperature: 1.0,
-            text: TextConfig { format: TextFormat { kind: "text" }, verbosity: "medium" },
+            text: TextConfig {
+                format: TextFormat { kind: "text" },
+                verbosity: "medium",
+            },
             tool_choice: "auto",
             tools: [],
             top_p: 1.0,
@@ -281,7 +301,12 @@ impl Outline {
 }
 
 fn output_text(text: &str) -> OutputText<'_> {
-    OutputText { kind: "output_text", annotations: [], logprobs: [], text }
+    OutputText {
+        kind: "output_text",
+        annotations: [],
+        logprobs: [],
+        text,
+    }
 }
 
 // ===== whole answers =====
@@ -305,7 +330,11 @@ fn answer_stream(exchange: Exchange) -> Response {
         token_delay: exchange.token_delay,
         fault: exchange.options.stream_fault(),
     };
-    let script = ResponsesScript { outline: Outline::new(&exchange), tokens: exchange.tokens, sequence: 0 };
+    let script = ResponsesScript {
+        outline: Outline::new(&exchange),
+        tokens: exchange.tokens,
+        sequence: 0,
+    };
     event_stream_response(stream::events(script, exchange.request, plan))
 }
 
@@ -322,22 +351,50 @@ impl ResponsesScript {
         self.sequence - 1
     }
 
-    fn write_response(&mut self, out: &mut Vec<u8>, kind: &'static str, stage: Stage, output: &[MessageItem<'_>]) {
+    fn write_response(
+        &mut self,
+        out: &mut Vec<u8>,
+        kind: &'static str,
+        stage: Stage,
+        output: &[MessageItem<'_>],
+    ) {
         let sequence_number = self.next_sequence();
-        let event = ResponseEvent { kind, response: self.outline.response(stage, output), sequence_number };
+        let event = ResponseEvent {
+            kind,
+            response: self.outline.response(stage, output),
+            sequence_number,
+        };
         write_named(out, kind, &event);
     }
 
-    fn write_item(&mut self, out: &mut Vec<u8>, kind: &'static str, stage: Stage, content: &[OutputText<'_>]) {
+    fn write_item(
+        &mut self,
+        out: &mut Vec<u8>,
+        kind: &'static str,
+        stage: Stage,
+        content: &[OutputText<'_>],
+    ) {
         let sequence_number = self.next_sequence();
-        let event = ItemEvent { kind, item: self.outline.item(stage, content), output_index: 0, sequence_number };
+        let event = ItemEvent {
+            kind,
+            item: self.outline.item(stage, content),
+            output_index: 0,
+            sequence_number,
+        };
         write_named(out, kind, &event);
     }
 
     fn write_part(&mut self, out: &mut Vec<u8>, kind: &'static str, text: &str) {
         let sequence_number = self.next_sequence();
         let item_id = &self.outline.item_id;
-        let event = PartEvent { kind, content_index: 0, item_id, output_index: 0, part: output_text(text), sequence_number };
+        let event = PartEvent {
+            kind,
+            content_index: 0,
+            item_id,
+            output_index: 0,
+            part: output_text(text),
+            sequence_number,
+        };
         write_named(out, kind, &event);
     }
 
@@ -345,10 +402,18 @@ impl ResponsesScript {
     fn write_end(&mut self, out: &mut Vec<u8>, text: &str) {
         let sequence_number = self.next_sequence();
         let end = self.outline.end;
-        let kind = if end == Stage::Incomplete { "response.incomplete" } else { "response.completed" };
+        let kind = if end == Stage::Incomplete {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
         let parts = [output_text(text)];
         let items = [self.outline.item(end, &parts)];
-        let event = ResponseEvent { kind, response: self.outline.response(end, &items), sequence_number };
+        let event = ResponseEvent {
+            kind,
+            response: self.outline.response(end, &items),
+            sequence_number,
+        };
         write_named(out, kind, &event);
     }
 
@@ -356,7 +421,15 @@ impl ResponsesScript {
         let kind = "response.output_text.done";
         let sequence_number = self.next_sequence();
         let item_id = &self.outline.item_id;
-        let event = TextDoneEvent { kind, content_index: 0, item_id, logprobs: [], output_index: 0, sequence_number, text };
+        let event = TextDoneEvent {
+            kind,
+            content_index: 0,
+            item_id,
+            logprobs: [],
+            output_index: 0,
+            sequence_number,
+            text,
+        };
         write_named(out, kind, &event);
     }
 }
@@ -378,7 +451,15 @@ impl Script for ResponsesScript {
         let sequence_number = self.next_sequence();
         let item_id = &self.outline.item_id;
         let delta = tokens::token(index);
-        let event = DeltaEvent { kind, content_index: 0, delta, item_id, logprobs: [], output_index: 0, sequence_number };
+        let event = DeltaEvent {
+            kind,
+            content_index: 0,
+            delta,
+            item_id,
+            logprobs: [],
+            output_index: 0,
+            sequence_number,
+        };
         write_named(out, kind, &event);
     }
 

@@ -34,7 +34,10 @@ impl Reply {
     /// The SSE events of the body, split at blank lines, without the blank line.
     pub(crate) fn events(&self) -> Vec<String> {
         let text = String::from_utf8(self.bytes()).expect("reply body is UTF-8");
-        text.split("\n\n").filter(|e| !e.is_empty()).map(str::to_owned).collect()
+        text.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The JSON of every `data:` line except `[DONE]`.
@@ -50,7 +53,9 @@ impl Reply {
 
 /// A mock on a free loopback port.
 pub(crate) async fn start(config: MockConfig) -> MockProvider {
-    MockProvider::start(SocketAddr::from(([127, 0, 0, 1], 0)), config).await.expect("mock starts")
+    MockProvider::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+        .await
+        .expect("mock starts")
 }
 
 /// The shared fixtures folder: `$LOADTEST_FIXTURES`, else `shared/` beside the repo.
@@ -58,16 +63,46 @@ pub(crate) fn fixtures_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LOADTEST_FIXTURES") {
         return dir.into();
     }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/provider-streams");
-    assert!(dir.is_dir(), "fixtures not found at {}; set LOADTEST_FIXTURES", dir.display());
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/provider-streams");
+    assert!(
+        dir.is_dir(),
+        "fixtures not found at {}; set LOADTEST_FIXTURES",
+        dir.display()
+    );
     dir
 }
 
+/// Sends one request with a JSON body (none for `Value::Null`).
+pub(crate) async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> Reply {
+    let body = if body.is_null() {
+        Bytes::new()
+    } else {
+        Bytes::from(body.to_string())
+    };
+    send_bytes(addr, method, path, key, body).await
+}
+
 /// Sends one request on a fresh connection and reads the whole answer.
-pub(crate) async fn send(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: &Value) -> Reply {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect to mock");
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+pub(crate) async fn send_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Bytes,
+) -> Reply {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to mock");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
     tokio::spawn(connection);
 
     let mut request = hyper::Request::builder()
@@ -78,12 +113,16 @@ pub(crate) async fn send(addr: SocketAddr, method: &str, path: &str, key: Option
     if let Some(key) = key {
         request = request.header("authorization", format!("Bearer {key}"));
     }
-    let body = if body.is_null() { Bytes::new() } else { Bytes::from(body.to_string()) };
     let request = request.body(Full::new(body)).expect("valid request");
 
     let response = sender.send_request(request).await.expect("response head");
     let (parts, mut body) = response.into_parts();
-    let mut reply = Reply { status: parts.status, headers: parts.headers, chunks: Vec::new(), error: None };
+    let mut reply = Reply {
+        status: parts.status,
+        headers: parts.headers,
+        chunks: Vec::new(),
+        error: None,
+    };
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => reply.chunks.extend(frame.into_data().ok()),

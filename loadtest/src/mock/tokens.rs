@@ -11,9 +11,32 @@ use serde_json::Value;
 
 /// The words completions are made of, each stored with its leading space.
 const WORDS: [&str; 26] = [
-    " alpha", " bravo", " charlie", " delta", " echo", " foxtrot", " golf", " hotel", " india",
-    " juliett", " kilo", " lima", " mike", " november", " oscar", " papa", " quebec", " romeo",
-    " sierra", " tango", " uniform", " victor", " whiskey", " xray", " yankee", " zulu",
+    " alpha",
+    " bravo",
+    " charlie",
+    " delta",
+    " echo",
+    " foxtrot",
+    " golf",
+    " hotel",
+    " india",
+    " juliett",
+    " kilo",
+    " lima",
+    " mike",
+    " november",
+    " oscar",
+    " papa",
+    " quebec",
+    " romeo",
+    " sierra",
+    " tango",
+    " uniform",
+    " victor",
+    " whiskey",
+    " xray",
+    " yankee",
+    " zulu",
 ];
 
 /// The word at `index`, without any leading space.
@@ -50,7 +73,11 @@ pub fn chat_prompt_tokens(body: &Value) -> u64 {
     let Some(messages) = body.get("messages").and_then(Value::as_array) else {
         return 0;
     };
-    messages.iter().filter_map(|m| m.get("content")).map(content_words).sum()
+    messages
+        .iter()
+        .filter_map(|m| m.get("content"))
+        .map(content_words)
+        .sum()
 }
 
 /// Prompt tokens of a Responses body: words in `input` when it is a string,
@@ -58,7 +85,11 @@ pub fn chat_prompt_tokens(body: &Value) -> u64 {
 pub fn responses_prompt_tokens(body: &Value) -> u64 {
     match body.get("input") {
         Some(Value::String(text)) => count_words(text),
-        Some(Value::Array(items)) => items.iter().filter_map(|i| i.get("content")).map(content_words).sum(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.get("content"))
+            .map(content_words)
+            .sum(),
         _ => 0,
     }
 }
@@ -68,7 +99,11 @@ pub fn responses_prompt_tokens(body: &Value) -> u64 {
 pub fn embeddings_prompt_tokens(body: &Value) -> u64 {
     match body.get("input") {
         Some(Value::String(text)) => count_words(text),
-        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(count_words).sum(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(count_words)
+            .sum(),
         _ => 0,
     }
 }
@@ -129,7 +164,10 @@ mod tests {
 
     #[test]
     fn responses_prompt_counts_string_or_item_content() {
-        assert_eq!(responses_prompt_tokens(&json!({"input": "one two three"})), 3);
+        assert_eq!(
+            responses_prompt_tokens(&json!({"input": "one two three"})),
+            3
+        );
         let body = json!({
             "instructions": "not counted at all",
             "input": [
@@ -144,6 +182,9 @@ mod tests {
     #[test]
     fn embeddings_prompt_counts_string_or_strings() {
         assert_eq!(embeddings_prompt_tokens(&json!({"input": "a b"})), 2);
-        assert_eq!(embeddings_prompt_tokens(&json!({"input": ["a b", "c", 7]})), 3);
+        assert_eq!(
+            embeddings_prompt_tokens(&json!({"input": ["a b", "c", 7]})),
+            3
+        );
     }
 }

@@ -114,7 +114,9 @@ impl Ledger {
         let mut tags = self.lock();
         let ledger = match tags.get_mut(admission.tag) {
             Some(ledger) => ledger,
-            None => tags.entry(admission.tag.to_owned()).or_insert_with(|| TagLedger::new(admission.tag)),
+            None => tags
+                .entry(admission.tag.to_owned())
+                .or_insert_with(|| TagLedger::new(admission.tag)),
         };
         let request = Arc::new(LiveRequest::new(seq, admission, ledger.totals.clone()));
         ledger.recent.push_back(request.clone());
@@ -124,7 +126,10 @@ impl Ledger {
         drop(tags);
 
         request.totals.requests.fetch_add(1, Ordering::Relaxed);
-        request.totals.prompt_tokens.fetch_add(request.prompt_tokens, Ordering::Relaxed);
+        request
+            .totals
+            .prompt_tokens
+            .fetch_add(request.prompt_tokens, Ordering::Relaxed);
         request
     }
 
@@ -132,7 +137,9 @@ impl Ledger {
     pub(crate) fn snapshot(&self, tag: Option<&str>) -> Truth {
         let tags = self.lock();
         let mut truth = Truth::default();
-        let selected = tags.iter().filter(|(name, _)| tag.is_none_or(|t| t == name.as_str()));
+        let selected = tags
+            .iter()
+            .filter(|(name, _)| tag.is_none_or(|t| t == name.as_str()));
         let mut recent: Vec<&Arc<LiveRequest>> = Vec::new();
         for (_, ledger) in selected {
             ledger.totals.add_to(&mut truth);
@@ -152,14 +159,22 @@ impl Ledger {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, TagLedger>> {
         // A panic while holding the lock cannot leave the map half-updated in a
         // way that matters for test bookkeeping, so a poisoned lock is reused.
-        self.tags.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.tags
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl TagLedger {
     fn new(tag: &str) -> Self {
-        let totals = TagTotals { tag: tag.to_owned(), ..TagTotals::default() };
-        Self { totals: Arc::new(totals), recent: VecDeque::new() }
+        let totals = TagTotals {
+            tag: tag.to_owned(),
+            ..TagTotals::default()
+        };
+        Self {
+            totals: Arc::new(totals),
+            recent: VecDeque::new(),
+        }
     }
 }
 
@@ -268,12 +283,21 @@ mod tests {
 
         let truth = ledger.snapshot(Some("a"));
         assert_eq!((truth.requests, truth.prompt_tokens), (1, 3));
-        assert_eq!((truth.completion_tokens_generated, truth.completion_tokens_sent), (2, 1));
+        assert_eq!(
+            (
+                truth.completion_tokens_generated,
+                truth.completion_tokens_sent
+            ),
+            (2, 1)
+        );
         assert!(!truth.per_request[0].finished);
         assert_eq!(truth.per_request[0].model, "m");
 
         let all = ledger.snapshot(None);
-        assert_eq!((all.requests, all.prompt_tokens, all.completion_tokens_sent), (2, 8, 5));
+        assert_eq!(
+            (all.requests, all.prompt_tokens, all.completion_tokens_sent),
+            (2, 8, 5)
+        );
         let ids: Vec<_> = all.per_request.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["id-a-3", "id-b-5"]);
         assert_eq!(ledger.snapshot(Some("missing")).requests, 0);
