@@ -91,7 +91,7 @@ fn bench_admission(c: &mut Criterion) {
         models: vec!["*".into()],
     };
     let identities = Identities::new(&config.operator.key_sha256, &[agent]).unwrap();
-    let routes = Routes::new(&config).unwrap();
+    let routes = Routes::new(&config, 1).unwrap();
 
     let mut headers = HeaderMap::new();
     headers.insert(

@@ -56,6 +56,10 @@ pub struct ServerConfig {
     /// Directory of the SQLite file; relative paths are taken from the working directory.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Worker threads, each with its own event loop, listener and upstream connection
+    /// pools; 0 means one per CPU core.
+    #[serde(default)]
+    pub workers: usize,
     /// Largest request body accepted, in bytes; larger bodies get 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
@@ -68,6 +72,10 @@ pub struct ServerConfig {
     /// Most usage records committed to SQLite in one transaction.
     #[serde(default = "default_usage_batch")]
     pub usage_batch: usize,
+    /// How often queued usage records are committed. A crash (not a clean shutdown)
+    /// can lose the records of this last interval.
+    #[serde(default = "default_usage_flush_interval", with = "humantime_serde")]
+    pub usage_flush_interval: Duration,
 }
 
 /// The `[operator]` table: the key that may read usage and, later, manage agents.
@@ -287,6 +295,10 @@ fn default_drain_timeout() -> Duration {
 
 fn default_usage_batch() -> usize {
     512
+}
+
+fn default_usage_flush_interval() -> Duration {
+    Duration::from_millis(100)
 }
 
 fn default_connect_timeout() -> Duration {

@@ -15,6 +15,8 @@ use serde::Serialize;
 pub enum Fault {
     Client,
     Upstream,
+    /// The operator's configuration, e.g. a provider key that is not set.
+    Config,
     Warden,
 }
 
@@ -23,6 +25,7 @@ impl Fault {
         match self {
             Fault::Client => "client",
             Fault::Upstream => "upstream",
+            Fault::Config => "config",
             Fault::Warden => "warden",
         }
     }
@@ -107,7 +110,7 @@ impl ApiError {
             ModelNotFound(_) => (404, "invalid_request_error", "model_not_found", Client),
             ModelNotPermitted(_) => (403, "permission_error", "permission_denied", Client),
             UnknownRoute { .. } => (404, "invalid_request_error", "unknown_url", Client),
-            ProviderKeyMissing { .. } => (502, "upstream_error", "provider_not_configured", Warden),
+            ProviderKeyMissing { .. } => (502, "upstream_error", "provider_not_configured", Config),
             UpstreamUnreachable { .. } => (502, "upstream_error", "upstream_unreachable", Upstream),
             UpstreamTimeout { .. } => (504, "upstream_error", "upstream_timeout", Upstream),
             UpstreamStatus { .. } => (502, "upstream_error", "upstream_server_error", Upstream),
@@ -171,6 +174,10 @@ impl ApiError {
             Fault::Upstream => tracing::warn!(
                 request.id = request_id, status = d.status.as_u16(), code = d.code,
                 error = %self, "upstream fault"
+            ),
+            Fault::Config => tracing::warn!(
+                request.id = request_id, status = d.status.as_u16(), code = d.code,
+                error = %self, "refused by configuration"
             ),
             Fault::Warden => tracing::error!(
                 request.id = request_id, status = d.status.as_u16(), code = d.code,

@@ -1,5 +1,6 @@
 //! The `warden` command: parses arguments, loads configuration, starts telemetry and
-//! runs the server until SIGTERM or SIGINT.
+//! runs the server until SIGTERM or SIGINT. The server brings its own runtimes (one
+//! per worker thread), so `main` is synchronous.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,14 +39,7 @@ fn main() -> ExitCode {
         None => (None, None),
     };
 
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("warden: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(config, listen)) {
+    match serve(config, listen) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("warden: {e:#}");
@@ -54,19 +48,19 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let mut config = Config::load(config.as_deref()).context("loading configuration")?;
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
 
-    let server = Server::bind(config).await?;
+    let server = Server::bind(config)?;
     let addr = server.local_addr()?;
     // One machine-readable line on stdout, so scripts and tests can find the port.
     println!("warden listening on http://{addr}");
     tracing::info!(addr = %addr, "listening");
 
-    server.run(shutdown_signal()).await;
+    server.run(shutdown_signal())?;
     Ok(())
 }
 

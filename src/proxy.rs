@@ -36,7 +36,7 @@ use crate::server::App;
 pub use relay::Relay;
 pub use request::{inspect, rewrite};
 pub use settle::{Outcome, Settlement};
-pub use upstream::Provider;
+pub use upstream::{Provider, UpstreamSetupError, set_worker};
 
 /// The OpenAI endpoints Warden proxies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,10 +86,12 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(config: &Config) -> Result<Routes, reqwest::Error> {
+    /// Builds every provider, each with a connection pool per worker thread.
+    pub fn new(config: &Config, workers: usize) -> Result<Routes, UpstreamSetupError> {
+        let tls = upstream::tls_config();
         let mut by_model = HashMap::new();
         for provider_config in &config.providers {
-            let provider = Arc::new(Provider::new(provider_config)?);
+            let provider = Arc::new(Provider::new(provider_config, &tls, workers)?);
             for model in &provider_config.models {
                 let route = Route {
                     model: model.as_str().into(),
@@ -237,7 +239,7 @@ async fn forward(
         let format = settlement.endpoint().stream_format();
         let meter = StreamMeter::new(format, prompt_bound);
         let relay = Relay::new(
-            upstream,
+            upstream.into_body(),
             meter,
             settlement,
             !client_wants_usage,

@@ -1,8 +1,15 @@
-//! The server: shared state, the HTTP listener, and graceful shutdown.
+//! The server: shared state, the listeners, and graceful shutdown.
 //!
-//! Warden runs its own accept loop (rather than `axum::serve`) for two reasons: every
-//! accepted socket gets TCP_NODELAY, and shutdown can be staged. On SIGTERM the
-//! listener closes, `/readyz` turns 503, idle connections close, open streams get
+//! Warden runs one event loop per worker thread (a current-thread tokio runtime),
+//! each with its own listening socket on the same port (SO_REUSEPORT, so the kernel
+//! spreads connections) and its own upstream connection pools. A request then lives on
+//! one thread from accept to settle: no task hops between threads, which on a small
+//! machine cost more than everything Warden itself does for a request. Shared state
+//! (identities, metrics, the usage log) is `Sync` and lives in one [`App`].
+//!
+//! Each worker runs its own accept loop rather than `axum::serve` for two reasons:
+//! every accepted socket gets TCP_NODELAY, and shutdown can be staged. On SIGTERM the
+//! listeners close, `/readyz` turns 503, idle connections close, open streams get
 //! `server.drain_timeout` to finish, and any still open after that are cut, which
 //! settles them like an abandoned stream. Only then is the usage log closed, so
 //! every request's record is committed before the process exits.
@@ -19,7 +26,9 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, ConfigError};
@@ -35,8 +44,10 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("cannot build the upstream HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    #[error("upstream: {0}")]
+    Upstream(#[from] crate::proxy::UpstreamSetupError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -89,20 +100,28 @@ impl RequestIds {
 /// A bound, not yet running, Warden.
 pub struct Server {
     app: Arc<App>,
-    listener: TcpListener,
+    /// One listening socket per worker, all on the same address.
+    listeners: Vec<std::net::TcpListener>,
     usage_log: UsageLog,
     drain_timeout: Duration,
 }
 
 impl Server {
-    /// Opens the store, builds the routes and binds the listener.
-    pub async fn bind(config: Config) -> Result<Server, StartError> {
+    /// Opens the store, builds the routes and binds one listener per worker.
+    pub fn bind(config: Config) -> Result<Server, StartError> {
         let store = Store::open(&config.server.data_dir)?;
-        let usage_log = store.usage_log(config.server.usage_batch)?;
+        let usage_log = store.usage_log(
+            config.server.usage_batch,
+            config.server.usage_flush_interval,
+        )?;
+        let workers = match config.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
 
         let app = App {
             identities: Identities::new(&config.operator.key_sha256, &config.agents)?,
-            routes: Routes::new(&config)?,
+            routes: Routes::new(&config, workers)?,
             metrics: Metrics::new(),
             usage: usage_log.sink(),
             store,
@@ -114,87 +133,163 @@ impl Server {
             draining: AtomicBool::new(false),
         };
 
-        let addr = config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
         Ok(Server {
             app: Arc::new(app),
-            listener,
+            listeners: bind_listeners(config.server.listen, workers)?,
             usage_log,
             drain_timeout: config.server.drain_timeout,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listeners[0].local_addr()
     }
 
     /// Serves until `shutdown` resolves, then drains and flushes (see module docs).
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server {
-            app,
-            listener,
-            usage_log,
-            drain_timeout,
-        } = self;
-        let router = routes::router(Arc::clone(&app));
-        let graceful = GracefulShutdown::new();
-        let mut connections = JoinSet::new();
-        tokio::pin!(shutdown);
+    /// Blocks the calling thread, which only waits for the signal.
+    pub fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        let (stop, stopped) = watch::channel(false);
+        let mut workers = Vec::new();
+        for (index, listener) in self.listeners.into_iter().enumerate() {
+            let app = Arc::clone(&self.app);
+            let stopped = stopped.clone();
+            let drain_timeout = self.drain_timeout;
+            let worker = std::thread::Builder::new()
+                .name(format!("warden-worker-{index}"))
+                .spawn(move || run_worker(index, listener, app, stopped, drain_timeout))
+                .map_err(StartError::Thread)?;
+            workers.push(worker);
+        }
 
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (socket, peer) = match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            // Typically EMFILE: back off instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        }
-                    };
-                    if let Err(e) = socket.set_nodelay(true) {
-                        tracing::debug!(error = %e, "TCP_NODELAY not set");
-                    }
-                    let service = TowerToHyperService::new(router.clone());
-                    let connection = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .serve_connection(TokioIo::new(socket), service);
-                    let connection = graceful.watch(connection);
-                    connections.spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-                        }
-                    });
-                }
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                () = &mut shutdown => break,
+        let signals = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Thread)?;
+        signals.block_on(shutdown);
+        self.app.draining.store(true, Ordering::Relaxed);
+        let _ = stop.send(true);
+
+        for worker in workers {
+            if worker.join().is_err() {
+                tracing::error!("a worker thread panicked; its open requests were not settled");
             }
         }
-
-        drop(listener);
-        drain(&app, graceful, connections, drain_timeout).await;
-        let closed = tokio::task::spawn_blocking(move || usage_log.close()).await;
-        if closed.is_err() {
-            tracing::error!("usage log did not close cleanly");
-        }
+        self.usage_log.close();
         tracing::info!("shutdown complete");
+        Ok(())
     }
+}
+
+/// Binds `workers` listening sockets to one address with SO_REUSEPORT. Port 0 picks a
+/// free port for the first socket; the others join it.
+fn bind_listeners(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
+    let mut addr = addr;
+    for _ in 0..workers.max(1) {
+        let bind_error = |source| StartError::Bind { addr, source };
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(bind_error)?;
+        socket.set_reuse_address(true).map_err(bind_error)?;
+        socket.set_reuse_port(true).map_err(bind_error)?;
+        socket.set_nonblocking(true).map_err(bind_error)?;
+        socket.bind(&addr.into()).map_err(bind_error)?;
+        socket.listen(1024).map_err(bind_error)?;
+
+        let listener = std::net::TcpListener::from(socket);
+        addr = listener.local_addr().map_err(bind_error)?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// One worker: its own runtime and accept loop, until `stopped` turns true.
+fn run_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    app: Arc<App>,
+    mut stopped: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) {
+    crate::proxy::set_worker(index);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(worker = index, error = %e, "worker runtime did not start");
+            return;
+        }
+    };
+
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(worker = index, error = %e, "worker listener did not start");
+                return;
+            }
+        };
+        let connections = accept_loop(&app, listener, stopped.wait_for(|s| *s)).await;
+        drain(&app, connections, drain_timeout).await;
+    });
+}
+
+/// Accepts connections until `shutdown` resolves; returns the ones still open.
+async fn accept_loop(
+    app: &Arc<App>,
+    listener: TcpListener,
+    shutdown: impl Future,
+) -> (GracefulShutdown, JoinSet<()>) {
+    let router = routes::router(Arc::clone(app));
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (socket, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = socket.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+                let service = TowerToHyperService::new(router.clone());
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(socket), service);
+                let connection = graceful.watch(connection);
+                connections.spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    (graceful, connections)
 }
 
 /// Lets open connections finish for up to `timeout`, then cuts the rest.
 async fn drain(
     app: &App,
-    graceful: GracefulShutdown,
-    mut connections: JoinSet<()>,
+    (graceful, mut connections): (GracefulShutdown, JoinSet<()>),
     timeout: Duration,
 ) {
-    app.draining.store(true, Ordering::Relaxed);
-    let open = app.metrics.open_streams.get();
     tracing::info!(
-        open_streams = open,
+        open_streams = app.metrics.open_streams.get(),
         timeout_ms = timeout.as_millis() as u64,
         "draining"
     );

@@ -1,11 +1,14 @@
 //! Store: Warden's SQLite database and the write-behind usage log.
 //!
 //! The request path never touches the database. It hands each finished request's
-//! [`UsageRecord`] to a [`UsageLog`], an unbounded channel that never blocks; one
-//! writer thread drains the channel and commits whatever has queued up in a single
-//! transaction (group commit), so the write rate follows the request rate without a
-//! transaction per request. A clean shutdown sends `Shutdown` after the last request
-//! has settled, and the writer commits everything before it exits.
+//! [`UsageRecord`] to a [`UsageLog`], an unbounded channel that never blocks and never
+//! wakes anyone: one writer thread sleeps for `server.usage_flush_interval`, then
+//! drains the channel and commits what has queued up in one transaction per
+//! `server.usage_batch` records (group commit). Waking the writer per record would put
+//! a thread switch and a commit on every request's critical path on a small machine.
+//! A flush request or shutdown wakes the writer at once; a clean shutdown sends
+//! `Shutdown` after the last request has settled, and the writer commits everything
+//! before it exits.
 //!
 //! Readers (the usage API) open their own connection; WAL mode lets them read while
 //! the writer writes. They first ask the writer to flush, so a record settled before
@@ -59,6 +62,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the usage writer has stopped")]
     WriterGone,
+    #[error("cannot start the usage writer thread: {0}")]
+    Spawn(std::io::Error),
 }
 
 /// One finished request, as it is stored.
@@ -121,20 +126,27 @@ impl Store {
         Ok(conn)
     }
 
-    /// Starts the writer thread of the usage log.
-    pub fn usage_log(&self, batch: usize) -> Result<UsageLog, StoreError> {
+    /// Starts the writer thread of the usage log: it commits at most `batch` records
+    /// per transaction, every `interval` or when asked to flush.
+    pub fn usage_log(&self, batch: usize, interval: Duration) -> Result<UsageLog, StoreError> {
         let conn = self.connect()?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            conn,
+            rx,
+            batch: batch.max(1),
+            interval,
+        };
         let thread = std::thread::Builder::new()
             .name("usage-writer".into())
-            .spawn(move || write_loop(conn, rx, batch.max(1)))
-            .map_err(|source| StoreError::CreateDir {
-                path: self.path.clone(),
-                source,
-            })?;
+            .spawn(move || writer.run())
+            .map_err(StoreError::Spawn)?;
 
         Ok(UsageLog {
-            tx,
+            sink: UsageSink {
+                tx,
+                writer: thread.thread().clone(),
+            },
             thread: Some(thread),
         })
     }
@@ -255,6 +267,8 @@ impl UsageRow {
 #[derive(Clone)]
 pub struct UsageSink {
     tx: mpsc::UnboundedSender<Command>,
+    /// The writer thread, woken only for flushes and shutdown.
+    writer: std::thread::Thread,
 }
 
 impl UsageSink {
@@ -274,28 +288,28 @@ impl UsageSink {
         self.tx
             .send(Command::Flush(done))
             .map_err(|_| StoreError::WriterGone)?;
+        self.writer.unpark();
         wait.await.map_err(|_| StoreError::WriterGone)
     }
 }
 
 /// The usage log's writer thread and the channel to it.
 pub struct UsageLog {
-    tx: mpsc::UnboundedSender<Command>,
+    sink: UsageSink,
     thread: Option<JoinHandle<()>>,
 }
 
 impl UsageLog {
     pub fn sink(&self) -> UsageSink {
-        UsageSink {
-            tx: self.tx.clone(),
-        }
+        self.sink.clone()
     }
 
     /// Commits everything queued so far and stops the writer. Call it after the last
     /// request has settled.
     pub fn close(mut self) {
         // The writer only exits on Shutdown, so the send can fail only if it panicked.
-        let _ = self.tx.send(Command::Shutdown);
+        let _ = self.sink.tx.send(Command::Shutdown);
+        self.sink.writer.unpark();
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
@@ -304,56 +318,59 @@ impl UsageLog {
     }
 }
 
-fn write_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Command>, batch: usize) {
-    let mut pending = Vec::with_capacity(batch);
-    let mut waiters = Vec::new();
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    rx: mpsc::UnboundedReceiver<Command>,
+    batch: usize,
+    interval: Duration,
+}
 
-    while let Some(first) = rx.blocking_recv() {
-        let mut shutdown = collect(first, &mut pending, &mut waiters);
-        // Take whatever else is already queued: this is the group commit.
-        while !shutdown && pending.len() < batch {
-            let Ok(next) = rx.try_recv() else { break };
-            shutdown = collect(next, &mut pending, &mut waiters);
+impl Writer {
+    fn run(mut self) {
+        let mut pending = Vec::with_capacity(self.batch);
+        let mut waiters = Vec::new();
+
+        loop {
+            let shutdown = self.drain(&mut pending, &mut waiters);
+            self.commit(&mut pending);
+            for waiter in waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+            if shutdown {
+                return;
+            }
+            // Records do not wake us; flushes and shutdown unpark us early.
+            std::thread::park_timeout(self.interval);
         }
+    }
 
-        if let Err(e) = insert(&mut conn, &pending) {
+    /// Takes everything queued, committing every full batch; true once shut down.
+    fn drain(
+        &mut self,
+        pending: &mut Vec<UsageRecord>,
+        waiters: &mut Vec<oneshot::Sender<()>>,
+    ) -> bool {
+        let mut shutdown = false;
+        loop {
+            match self.rx.try_recv() {
+                Ok(Command::Record(record)) => pending.push(record),
+                Ok(Command::Flush(done)) => waiters.push(done),
+                Ok(Command::Shutdown) => shutdown = true,
+                Err(mpsc::error::TryRecvError::Empty) => return shutdown,
+                Err(mpsc::error::TryRecvError::Disconnected) => return true,
+            }
+            if pending.len() >= self.batch {
+                self.commit(pending);
+            }
+        }
+    }
+
+    fn commit(&mut self, pending: &mut Vec<UsageRecord>) {
+        if let Err(e) = insert(&mut self.conn, pending) {
             tracing::error!(error = %e, records = pending.len(), "usage records lost: commit failed");
         }
         pending.clear();
-        for waiter in waiters.drain(..) {
-            let _ = waiter.send(());
-        }
-        if shutdown {
-            drain_after_shutdown(&mut conn, &mut rx);
-            return;
-        }
-    }
-}
-
-/// Files one command; returns true on Shutdown.
-fn collect(
-    command: Command,
-    pending: &mut Vec<UsageRecord>,
-    waiters: &mut Vec<oneshot::Sender<()>>,
-) -> bool {
-    match command {
-        Command::Record(record) => pending.push(record),
-        Command::Flush(done) => waiters.push(done),
-        Command::Shutdown => return true,
-    }
-    false
-}
-
-/// Commits records that raced the shutdown command into the channel.
-fn drain_after_shutdown(conn: &mut Connection, rx: &mut mpsc::UnboundedReceiver<Command>) {
-    let mut rest = Vec::new();
-    while let Ok(command) = rx.try_recv() {
-        if let Command::Record(record) = command {
-            rest.push(record);
-        }
-    }
-    if let Err(e) = insert(conn, &rest) {
-        tracing::error!(error = %e, records = rest.len(), "usage records lost: commit failed");
     }
 }
 
@@ -433,7 +450,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::open(&dir).unwrap();
 
-        let log = store.usage_log(2).unwrap();
+        let log = store.usage_log(2, Duration::from_secs(3600)).unwrap();
         let sink = log.sink();
         sink.record(record("a", "0.000000001", 10));
         sink.record(record("a", "0.1", 20));

@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::Stream;
 use http::StatusCode;
+use hyper::body::{Body, Incoming};
 use serde::Serialize;
 
 use super::sse::{self, Framer};
@@ -25,11 +26,9 @@ use super::{Endpoint, Outcome, Settlement};
 use crate::error::ApiError;
 use crate::metering::{EventClass, StreamMeter};
 
-type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
-
 /// A streamed response in flight; see the module docs.
 pub struct Relay {
-    upstream: Upstream,
+    upstream: Incoming,
     framer: Framer,
     meter: StreamMeter,
     /// `None` once settled: the relay then yields nothing more.
@@ -53,7 +52,7 @@ enum Step {
 
 impl Relay {
     pub fn new(
-        upstream: reqwest::Response,
+        upstream: Incoming,
         meter: StreamMeter,
         settlement: Settlement,
         strip_usage: bool,
@@ -63,7 +62,7 @@ impl Relay {
         open_streams.inc();
         let overhead = settlement.overhead_besides(upstream_wait);
         Relay {
-            upstream: Box::pin(upstream.bytes_stream()),
+            upstream,
             framer: Framer::default(),
             meter,
             settlement: Some(settlement),
@@ -184,8 +183,13 @@ impl Stream for Relay {
                 }
             }
 
-            match ready!(this.upstream.as_mut().poll_next(cx)) {
-                Some(Ok(chunk)) => this.framer.push(&chunk),
+            match ready!(Pin::new(&mut this.upstream).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers carry nothing to relay on an SSE stream.
+                    if let Some(chunk) = frame.data_ref() {
+                        this.framer.push(chunk);
+                    }
+                }
                 Some(Err(e)) => {
                     let error = ApiError::StreamInterrupted {
                         provider: this.provider(),
