@@ -2,17 +2,18 @@
 //! by one, each metered on the way.
 //!
 //! [`Relay`] is the response body. Every time the client's connection wants more it
-//! polls the relay, which hands over the next complete upstream event as the same
-//! bytes the provider sent (a `Bytes` sharing the read buffer, not a copy). Nothing
-//! waits for the stream to end: an event is forwarded as soon as it is framed and
-//! metered. The relay settles exactly once: when the stream ends, when the provider
+//! polls the relay, which meters every complete upstream event received so far and
+//! hands them over as the same bytes the provider sent (a `Bytes` sharing the read
+//! buffer, not a copy). Nothing waits: an event is forwarded as soon as it is framed
+//! and metered, and events that arrived in one read leave in one write, so a provider
+//! that bursts costs one syscall per burst rather than one per event. The relay settles exactly once: when the stream ends, when the provider
 //! breaks it off (the client then gets an SSE error event before the close), or in
 //! `Drop` when the client goes away, which also drops and so cancels the upstream
 //! request.
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,17 +38,50 @@ pub struct Relay {
     strip_usage: bool,
     /// The stream's terminal event (`[DONE]`, `response.completed`) has been seen.
     terminal: bool,
+    /// The error event of a broken stream, sent after the events before it.
+    error_event: Option<Bytes>,
+    /// How the upstream body ended, once it has; events still buffered go first.
+    upstream_end: Option<UpstreamEnd>,
     /// Warden's own share of the time before the first byte went to the client.
     overhead: Duration,
     ttft: Option<Duration>,
     open_streams: prometheus::IntGauge,
 }
 
+/// How the upstream body ended.
+enum UpstreamEnd {
+    Finished,
+    Failed(String),
+}
+
+/// Most upstream frames read in one go before the events so far are forwarded.
+const FRAMES_PER_POLL: usize = 64;
+
 /// What to do with one framed event.
 enum Step {
     Forward,
     Skip,
-    Fail(ApiError),
+    /// The event is malformed, for this reason.
+    Fail(String),
+}
+
+/// Meters one raw event and decides whether the client gets it.
+fn inspect(meter: &mut StreamMeter, terminal: &mut bool, strip_usage: bool, raw: &[u8]) -> Step {
+    let event = sse::parse(raw);
+    let Some(data) = event.data.as_bytes() else {
+        return Step::Forward; // a comment or keep-alive: nothing to meter
+    };
+
+    match meter.observe(data) {
+        Ok(EventClass::Forward) => Step::Forward,
+        Ok(EventClass::UsageOnly) if strip_usage => Step::Skip,
+        Ok(EventClass::UsageOnly) => Step::Forward,
+        Ok(EventClass::Done) => {
+            *terminal = true;
+            Step::Forward
+        }
+        Err(malformed) => Step::Fail(malformed.to_string()),
+    }
 }
 
 impl Relay {
@@ -68,6 +102,8 @@ impl Relay {
             settlement: Some(settlement),
             strip_usage,
             terminal: false,
+            error_event: None,
+            upstream_end: None,
             overhead,
             ttft: None,
             open_streams,
@@ -76,24 +112,27 @@ impl Relay {
 
     /// Meters one event and decides whether the client gets it.
     fn inspect(&mut self, raw: &[u8]) -> Step {
-        let event = sse::parse(raw);
-        let Some(data) = event.data.as_bytes() else {
-            return Step::Forward; // a comment or keep-alive: nothing to meter
-        };
+        inspect(&mut self.meter, &mut self.terminal, self.strip_usage, raw)
+    }
 
-        match self.meter.observe(data) {
-            Ok(EventClass::Forward) => Step::Forward,
-            Ok(EventClass::UsageOnly) if self.strip_usage => Step::Skip,
-            Ok(EventClass::UsageOnly) => Step::Forward,
-            Ok(EventClass::Done) => {
-                self.terminal = true;
-                Step::Forward
+    /// Meters every complete event in the buffer; returns the length of the prefix to
+    /// forward. A usage chunk the client did not ask for is cut out of the buffer; a
+    /// malformed event ends the stream, the events before it still forwarded.
+    fn meter_ready_events(&mut self) -> usize {
+        let mut end = 0;
+        while let Some(next) = self.framer.event_end(end) {
+            let raw = &self.framer.bytes()[end..next];
+            match inspect(&mut self.meter, &mut self.terminal, self.strip_usage, raw) {
+                Step::Forward => end = next,
+                Step::Skip => self.framer.remove(end..next),
+                Step::Fail(reason) => {
+                    let error = self.interrupted(reason);
+                    self.error_event = Some(self.fail(error));
+                    break;
+                }
             }
-            Err(malformed) => Step::Fail(ApiError::StreamInterrupted {
-                provider: self.provider(),
-                reason: malformed.to_string(),
-            }),
         }
+        end
     }
 
     fn forwarded(&mut self) {
@@ -140,7 +179,10 @@ impl Relay {
             match self.inspect(&rest) {
                 Step::Forward => return Some(rest),
                 Step::Skip => {}
-                Step::Fail(error) => return Some(self.fail(error)),
+                Step::Fail(reason) => {
+                    let error = self.interrupted(reason);
+                    return Some(self.fail(error));
+                }
             }
         }
 
@@ -148,11 +190,15 @@ impl Relay {
             self.finish(Outcome::Ok);
             return None;
         }
-        let error = ApiError::StreamInterrupted {
-            provider: self.provider(),
-            reason: "the stream ended before its final event".into(),
-        };
+        let error = self.interrupted("the stream ended before its final event".into());
         Some(self.fail(error))
+    }
+
+    fn interrupted(&self, reason: String) -> ApiError {
+        ApiError::StreamInterrupted {
+            provider: self.provider(),
+            reason,
+        }
     }
 
     fn provider(&self) -> String {
@@ -168,38 +214,65 @@ impl Stream for Relay {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
+            let upstream_pending = this.read_ready(cx);
+
+            if this.settlement.is_some() {
+                let ready = this.meter_ready_events();
+                if ready > 0 {
+                    this.forwarded();
+                    return Poll::Ready(Some(Ok(this.framer.take(ready))));
+                }
+            }
+            if let Some(error_event) = this.error_event.take() {
+                return Poll::Ready(Some(Ok(error_event)));
+            }
             if this.settlement.is_none() {
                 return Poll::Ready(None);
             }
 
-            while let Some(raw) = this.framer.next_event() {
-                match this.inspect(&raw) {
-                    Step::Forward => {
-                        this.forwarded();
-                        return Poll::Ready(Some(Ok(raw)));
-                    }
-                    Step::Skip => {}
-                    Step::Fail(error) => return Poll::Ready(Some(Ok(this.fail(error)))),
-                }
-            }
-
-            match ready!(Pin::new(&mut this.upstream).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    // Trailers carry nothing to relay on an SSE stream.
-                    if let Some(chunk) = frame.data_ref() {
-                        this.framer.push(chunk);
-                    }
-                }
-                Some(Err(e)) => {
-                    let error = ApiError::StreamInterrupted {
-                        provider: this.provider(),
-                        reason: e.to_string(),
-                    };
+            match this.upstream_end.take() {
+                Some(UpstreamEnd::Finished) => return Poll::Ready(this.end_of_upstream().map(Ok)),
+                Some(UpstreamEnd::Failed(reason)) => {
+                    let error = this.interrupted(reason);
                     return Poll::Ready(Some(Ok(this.fail(error))));
                 }
-                None => return Poll::Ready(this.end_of_upstream().map(Ok)),
+                // The upstream registered our waker when it said Pending.
+                None if upstream_pending => return Poll::Pending,
+                // Read the frame limit without a complete event: read on.
+                None => {}
             }
         }
+    }
+}
+
+impl Relay {
+    /// Reads every frame the upstream has ready (up to [`FRAMES_PER_POLL`]) into the
+    /// framer. Returns true when the upstream said Pending, having kept our waker.
+    fn read_ready(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.upstream_end.is_some() || self.settlement.is_none() {
+            return false;
+        }
+
+        for _ in 0..FRAMES_PER_POLL {
+            match Pin::new(&mut self.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers carry nothing to relay on an SSE stream.
+                    if let Some(chunk) = frame.data_ref() {
+                        self.framer.push(chunk);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.upstream_end = Some(UpstreamEnd::Failed(e.to_string()));
+                    return false;
+                }
+                Poll::Ready(None) => {
+                    self.upstream_end = Some(UpstreamEnd::Finished);
+                    return false;
+                }
+                Poll::Pending => return true,
+            }
+        }
+        false
     }
 }
 

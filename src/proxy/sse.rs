@@ -10,11 +10,16 @@
 use bytes::{Bytes, BytesMut};
 
 /// Splits a byte stream into raw SSE events, each including its blank-line terminator.
+///
+/// Events can be read one at a time ([`Framer::next_event`]) or, as the relay does,
+/// found in place ([`Framer::event_end`]) and handed on several at once
+/// ([`Framer::take`]): events that arrived together leave together, as one write.
 #[derive(Debug, Default)]
 pub struct Framer {
     buf: BytesMut,
-    /// Bytes at the front of `buf` already known to hold no event boundary.
-    scanned: usize,
+    /// Where the last unsuccessful search stopped, so a partly received event is not
+    /// rescanned from its start on every read.
+    resume: usize,
 }
 
 impl Framer {
@@ -22,50 +27,84 @@ impl Framer {
         self.buf.extend_from_slice(chunk);
     }
 
+    /// The bytes received and not yet taken.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The end offset of the complete event that starts at `from`, if it has arrived.
+    pub fn event_end(&mut self, from: usize) -> Option<usize> {
+        let start = if self.resume > from {
+            self.resume
+        } else {
+            from
+        };
+        match find_boundary(&self.buf, start) {
+            Some(end) => {
+                self.resume = 0;
+                Some(end)
+            }
+            None => {
+                // A terminator may straddle this read and the next.
+                self.resume = self.buf.len().saturating_sub(3).max(from);
+                None
+            }
+        }
+    }
+
+    /// Splits off the first `len` bytes, which must end on an event boundary.
+    pub fn take(&mut self, len: usize) -> Bytes {
+        self.resume = self.resume.saturating_sub(len);
+        self.buf.split_to(len).freeze()
+    }
+
+    /// Drops the event at `range` (a chunk the client must not see), keeping the rest.
+    pub fn remove(&mut self, range: std::ops::Range<usize>) {
+        let tail = self.buf.split_off(range.end);
+        self.buf.truncate(range.start);
+        self.buf.unsplit(tail);
+        self.resume = 0;
+    }
+
     /// The next complete event, if the buffer holds one.
     pub fn next_event(&mut self) -> Option<Bytes> {
-        let end = self.find_boundary()?;
-        self.scanned = 0;
-        Some(self.buf.split_to(end).freeze())
+        let end = self.event_end(0)?;
+        Some(self.take(end))
     }
 
     /// Whatever is left after the stream ended: a final event with no terminator.
     pub fn take_rest(&mut self) -> Option<Bytes> {
-        self.scanned = 0;
+        self.resume = 0;
         if self.buf.iter().all(u8::is_ascii_whitespace) {
             self.buf.clear();
             return None;
         }
         Some(self.buf.split().freeze())
     }
+}
 
-    /// Finds the end of the first event: a line feed followed by an empty line, where
-    /// lines end in `\n`, `\r\n` or `\r`.
-    fn find_boundary(&mut self) -> Option<usize> {
-        let buf = &self.buf[..];
-        let mut i = self.scanned;
-
-        while let Some(offset) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
-            let at = i + offset;
-            let line_end = match (buf[at], buf.get(at + 1)) {
-                (b'\r', Some(b'\n')) => at + 2,
-                (b'\r', None) => break, // a `\n` may still follow
-                _ => at + 1,
-            };
-            match (buf.get(line_end), buf.get(line_end + 1)) {
-                (Some(b'\n'), _) => return Some(line_end + 1),
-                (Some(b'\r'), Some(b'\n')) => return Some(line_end + 2),
-                (Some(b'\r'), Some(_)) => return Some(line_end + 1),
-                (Some(_), _) => i = line_end,
-                (None, _) => break,
-            }
+/// Finds the end of the first event at or after `start`: a line end followed by an
+/// empty line, where lines end in `\n`, `\r\n` or `\r`. A resumed search starts three
+/// bytes before the previous end, which is before any terminator that was still
+/// incomplete then (the longest, `\r\n\r\n`, is four bytes).
+fn find_boundary(buf: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    while let Some(offset) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
+        let at = i + offset;
+        let line_end = match (buf[at], buf.get(at + 1)) {
+            (b'\r', Some(b'\n')) => at + 2,
+            (b'\r', None) => return None, // a `\n` may still follow
+            _ => at + 1,
+        };
+        match (buf.get(line_end), buf.get(line_end + 1)) {
+            (Some(b'\n'), _) => return Some(line_end + 1),
+            (Some(b'\r'), Some(b'\n')) => return Some(line_end + 2),
+            (Some(b'\r'), Some(_)) => return Some(line_end + 1),
+            (Some(_), _) => i = line_end,
+            (None, _) => return None,
         }
-
-        // Resume the next search a little before the end, where a terminator may
-        // straddle two chunks.
-        self.scanned = buf.len().saturating_sub(3);
-        None
     }
+    None
 }
 
 /// The fields of one raw event that the relay needs.
@@ -165,6 +204,20 @@ mod tests {
     fn unterminated_tail_is_returned() {
         let events = frame_all(&[b"data: a\n\ndata: cut"]);
         assert_eq!(events[1], &b"data: cut"[..]);
+    }
+
+    #[test]
+    fn events_found_in_place_leave_together() {
+        let mut framer = Framer::default();
+        framer.push(b"data: a\n\ndata: usage\n\ndata: b\n\ndata: c");
+        let first = framer.event_end(0).unwrap();
+        let second = framer.event_end(first).unwrap();
+        framer.remove(first..second);
+        let third = framer.event_end(first).unwrap();
+        assert_eq!(framer.event_end(third), None);
+        assert_eq!(framer.take(third), &b"data: a\n\ndata: b\n\n"[..]);
+        framer.push(b"\n\n");
+        assert_eq!(framer.next_event().unwrap(), &b"data: c\n\n"[..]);
     }
 
     #[test]

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs the load benchmarks recorded in docs/benchmarks.md: starts the mock provider
+# and Warden (release builds) on loopback, drives each workload direct-to-mock and
+# through Warden in the same run, and stops both. Every run is bounded in requests
+# and time. Usage: loadtest/bench.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out=${1:-target/bench-results}
+mkdir -p "$out"
+cargo build --release --bin warden -p warden -q
+cargo build --release -p loadtest -q
+
+state=$(mktemp -d)
+cleanup() {
+    kill "${mock_pid:-}" "${warden_pid:-}" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$state"
+}
+trap cleanup EXIT
+
+target/release/mock-provider --listen 127.0.0.1:9100 >"$state/mock.log" 2>&1 &
+mock_pid=$!
+# The embedded default config: loopback, mock models on 127.0.0.1:9100.
+(cd "$state" && RUST_LOG=warn exec "$OLDPWD/target/release/warden" serve) >"$state/warden.log" 2>&1 &
+warden_pid=$!
+for _ in $(seq 50); do
+    grep -q "listening" "$state/warden.log" 2>/dev/null && grep -q "listening" "$state/mock.log" && break
+    sleep 0.1
+done
+
+run() {
+    local name=$1
+    shift
+    echo "== $name"
+    target/release/loadgen --direct http://127.0.0.1:9100/v1 \
+        --warden http://127.0.0.1:8484/v1 --warden-key wdn-demo-agent-0001 \
+        --model mock-small --no-progress --duration-secs 60 --json "$out/$name.json" "$@"
+}
+
+run c1 --mode closed --concurrency 1 --requests 20000 --warmup 1000
+run rate1000 --mode rate --rate 1000 --requests 20000 --warmup 1000
+run c32 --mode closed --concurrency 32 --requests 100000 --warmup 2000
+run stream-paced --mode closed --concurrency 8 --requests 2000 --warmup 100 \
+    --stream --tokens 50 --token-delay-us 1000
+run stream-burst --mode closed --concurrency 4 --requests 5000 --warmup 100 \
+    --stream --tokens 200
