@@ -100,16 +100,10 @@ async fn closed_loop(shared: &Arc<Shared>, concurrency: usize) {
 
 async fn open_loop(shared: &Arc<Shared>, rate: f64, max_in_flight: usize) {
     let slots = Arc::new(Semaphore::new(max_in_flight.max(1)));
-    let first = Instant::now();
     let deadline = shared.pass.deadline;
+    let mut due_times = pacer(rate, shared.pass.requests, deadline);
 
-    for index in 0..shared.pass.requests {
-        // Due times come from the schedule, never from when the last send happened.
-        let due = first + Duration::from_secs_f64(index as f64 / rate);
-        if due >= deadline {
-            break;
-        }
-        tokio::time::sleep_until(due).await;
+    while let Some(due) = due_times.recv().await {
         let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await
         else {
             break;
@@ -124,6 +118,32 @@ async fn open_loop(shared: &Arc<Shared>, rate: f64, max_in_flight: usize) {
     // Every request is bounded by the deadline, so all slots come back by then.
     let all = u32::try_from(max_in_flight.max(1)).unwrap_or(u32::MAX);
     let _ = slots.acquire_many(all).await;
+}
+
+/// Emits each request's due time when it comes due, from a thread of its own.
+///
+/// Tokio's timer wheel has millisecond resolution, and since requests are timed
+/// from when they were due, sleeping on it would charge every request up to a
+/// millisecond it never waited at the target. A plain thread sleeping on the OS
+/// timer wakes within tens of microseconds, the same for every target measured.
+fn pacer(rate: f64, requests: u64, deadline: Instant) -> tokio::sync::mpsc::Receiver<Instant> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let deadline = deadline.into_std();
+    std::thread::spawn(move || {
+        let first = std::time::Instant::now();
+        for index in 0..requests {
+            // Due times come from the schedule, never from when the last send happened.
+            let due = first + Duration::from_secs_f64(index as f64 / rate);
+            if due >= deadline {
+                break;
+            }
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            if tx.blocking_send(Instant::from_std(due)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Sends one request timed from `start` and records how it ended.
