@@ -17,6 +17,7 @@
 //! - [`error`]: the one mapping from every error to an OpenAI-shaped response.
 //! - [`config`]: `warden.toml` and the price table, read once at startup.
 
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod identity;

@@ -1,0 +1,399 @@
+//! Budgets: every agent's limit per window, and the reservations that make the limit a
+//! hard ceiling under any concurrency.
+//!
+//! Money on the hot path is an integer number of picodollars ([`Amount`]), exact for
+//! prices quoted to six decimals per million tokens, so reserving and settling are a
+//! few integer operations under one lock. Each agent is a node in one tree:
+//!
+//! ```text
+//! committed = spent + reserved + delegated + ended_children      (never above limit)
+//! room      = limit - committed                                  (what it may still use)
+//! ```
+//!
+//! `delegated` is the sum of the slices of the agent's live children. A child's limit
+//! *is* its slice, which is already committed in every ancestor, so a child can never
+//! spend its parent's own room: a reservation needs only the agent's room, checked in
+//! the same critical section that checks no ancestor is frozen or ended. Ending a child
+//! returns its unspent slice: the parent's `delegated` drops by the slice, and what the
+//! child spent (and still has reserved) moves to the parent's `ended_children`.
+//!
+//! A request reserves its worst-case cost before it is forwarded and settles with its
+//! actual cost afterwards, releasing the rest. Windows are UTC days from an injectable
+//! [`Clock`]: at midnight spend resets, reservations and slices stay.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+
+/// An amount of US dollars in picodollars (10⁻¹² USD).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Amount(pub u64);
+
+/// Picodollars per dollar.
+const PICOS: u64 = 1_000_000_000_000;
+
+/// The largest limit an agent may have: large enough for any fleet, small enough that
+/// sums of limits never overflow.
+pub const MAX_LIMIT: Amount = Amount(1_000_000 * PICOS);
+
+impl Amount {
+    pub const ZERO: Amount = Amount(0);
+
+    /// Converts a decimal dollar amount; `None` if negative, finer than a picodollar,
+    /// or above [`MAX_LIMIT`].
+    pub fn from_usd(usd: Decimal) -> Option<Amount> {
+        if usd.is_sign_negative() {
+            return None;
+        }
+        let picos = usd.checked_mul(Decimal::from(PICOS))?;
+        if picos.fract() != Decimal::ZERO {
+            return None;
+        }
+        let amount = Amount(picos.to_u64()?);
+        (amount <= MAX_LIMIT).then_some(amount)
+    }
+
+    pub fn to_usd(self) -> Decimal {
+        Decimal::from(self.0) / Decimal::from(PICOS)
+    }
+
+    pub fn saturating_sub(self, other: Amount) -> Amount {
+        Amount(self.0.saturating_sub(other.0))
+    }
+}
+
+impl std::ops::Add for Amount {
+    type Output = Amount;
+
+    fn add(self, other: Amount) -> Amount {
+        Amount(self.0.saturating_add(other.0))
+    }
+}
+
+impl std::fmt::Display for Amount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "${}", self.to_usd().normalize())
+    }
+}
+
+/// Where budgets get the time, so tests can cross midnight without waiting.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> SystemTime;
+}
+
+/// The real clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// The UTC day a time falls in: the budget window.
+fn window_of(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400)
+}
+
+/// An agent's identity in the budget tree.
+pub type AgentKey = u64;
+
+/// Why a budget operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BudgetError {
+    #[error("budget exceeded: {needed} needed, {available} available of a {limit} limit")]
+    Exceeded {
+        needed: Amount,
+        available: Amount,
+        limit: Amount,
+    },
+    #[error("the budget of {0} is frozen")]
+    Frozen(AgentKey),
+    #[error("agent {0} has ended")]
+    Ended(AgentKey),
+    #[error("agent {0} has no budget")]
+    Unknown(AgentKey),
+}
+
+/// What an agent's budget looks like right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetView {
+    pub limit: Amount,
+    pub spent: Amount,
+    pub reserved: Amount,
+    pub delegated: Amount,
+    /// What ended children spent this window (it stays committed).
+    pub ended_children: Amount,
+    pub available: Amount,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeState {
+    Live,
+    Frozen,
+    Ended,
+}
+
+#[derive(Debug)]
+struct Node {
+    parent: Option<AgentKey>,
+    limit: Amount,
+    spent: Amount,
+    reserved: Amount,
+    delegated: Amount,
+    ended_children: Amount,
+    window: u64,
+    state: NodeState,
+}
+
+impl Node {
+    fn committed(&self) -> Amount {
+        self.spent + self.reserved + self.delegated + self.ended_children
+    }
+
+    fn room(&self) -> Amount {
+        self.limit.saturating_sub(self.committed())
+    }
+
+    /// Starts a new window if the day has changed: spend resets, commitments stay.
+    fn roll(&mut self, window: u64) {
+        if self.window != window {
+            self.window = window;
+            self.spent = Amount::ZERO;
+            self.ended_children = Amount::ZERO;
+        }
+    }
+
+    fn view(&self) -> BudgetView {
+        BudgetView {
+            limit: self.limit,
+            spent: self.spent,
+            reserved: self.reserved,
+            delegated: self.delegated,
+            ended_children: self.ended_children,
+            available: self.room(),
+        }
+    }
+}
+
+/// Every agent's budget, behind one lock (see the module docs).
+pub struct Budgets {
+    tree: Mutex<HashMap<AgentKey, Node>>,
+    clock: Arc<dyn Clock>,
+}
+
+/// Worst-case cost held against an agent's budget while its request is in flight.
+/// Settle it with the actual cost; dropping it unsettled counts the whole amount as
+/// spent, which can only under-use the budget.
+#[must_use = "a reservation must be settled"]
+pub struct Reservation {
+    budgets: Arc<Budgets>,
+    agent: AgentKey,
+    amount: Amount,
+    settled: bool,
+}
+
+impl Reservation {
+    pub fn amount(&self) -> Amount {
+        self.amount
+    }
+
+    /// Releases the reservation and records `actual` as spent. An actual cost above
+    /// the reservation is recorded in full: it is what the provider billed.
+    pub fn settle(mut self, actual: Amount) {
+        self.settled = true;
+        self.budgets.release(self.agent, self.amount, actual);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.budgets.release(self.agent, self.amount, self.amount);
+        }
+    }
+}
+
+impl Budgets {
+    pub fn new(clock: Arc<dyn Clock>) -> Arc<Budgets> {
+        Arc::new(Budgets {
+            tree: Mutex::new(HashMap::new()),
+            clock,
+        })
+    }
+
+    fn lock(&self) -> (MutexGuard<'_, HashMap<AgentKey, Node>>, u64) {
+        let window = window_of(self.clock.now());
+        // A panic while holding the lock leaves integer fields consistent at every
+        // step, so a poisoned lock is still safe to use.
+        let tree = self
+            .tree
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (tree, window)
+    }
+
+    /// Adds a root agent (a lead) with its own limit.
+    pub fn add_root(&self, agent: AgentKey, limit: Amount) {
+        let (mut tree, window) = self.lock();
+        tree.insert(agent, new_node(None, limit, window));
+    }
+
+    /// Carves a child's budget out of its parent's room, in one step.
+    pub fn delegate(
+        &self,
+        parent: AgentKey,
+        child: AgentKey,
+        slice: Amount,
+    ) -> Result<(), BudgetError> {
+        let (mut tree, window) = self.lock();
+        check_path(&tree, parent)?;
+        let node = tree.get_mut(&parent).ok_or(BudgetError::Unknown(parent))?;
+        node.roll(window);
+
+        let available = node.room();
+        if slice > available {
+            return Err(BudgetError::Exceeded {
+                needed: slice,
+                available,
+                limit: node.limit,
+            });
+        }
+        node.delegated = node.delegated + slice;
+        tree.insert(child, new_node(Some(parent), slice, window));
+        Ok(())
+    }
+
+    /// The most `agent` could reserve right now (zero if it or an ancestor is blocked).
+    pub fn available(&self, agent: AgentKey) -> Amount {
+        let (mut tree, window) = self.lock();
+        if check_path(&tree, agent).is_err() {
+            return Amount::ZERO;
+        }
+        tree.get_mut(&agent).map_or(Amount::ZERO, |node| {
+            node.roll(window);
+            node.room()
+        })
+    }
+
+    /// Holds `amount` against `agent`'s budget if it fits and nothing on its path to
+    /// the root is frozen or ended.
+    pub fn reserve(
+        self: &Arc<Self>,
+        agent: AgentKey,
+        amount: Amount,
+    ) -> Result<Reservation, BudgetError> {
+        let (mut tree, window) = self.lock();
+        check_path(&tree, agent)?;
+        let node = tree.get_mut(&agent).ok_or(BudgetError::Unknown(agent))?;
+        node.roll(window);
+
+        let available = node.room();
+        if amount > available {
+            return Err(BudgetError::Exceeded {
+                needed: amount,
+                available,
+                limit: node.limit,
+            });
+        }
+        node.reserved = node.reserved + amount;
+        drop(tree);
+
+        Ok(Reservation {
+            budgets: Arc::clone(self),
+            agent,
+            amount,
+            settled: false,
+        })
+    }
+
+    fn release(&self, agent: AgentKey, reserved: Amount, actual: Amount) {
+        let (mut tree, window) = self.lock();
+        let Some(node) = tree.get_mut(&agent) else {
+            return;
+        };
+        node.roll(window);
+        node.reserved = node.reserved.saturating_sub(reserved);
+
+        // An agent that ended while this request was in flight is left alone: its
+        // parent already counts the whole reservation as spent (see `end`).
+        if node.state != NodeState::Ended {
+            node.spent = node.spent + actual;
+        }
+    }
+
+    /// Ends `agent`: its unspent slice returns to its parent. Its descendants must have
+    /// ended first; open reservations stay counted as spent in the parent.
+    pub fn end(&self, agent: AgentKey) {
+        let (mut tree, window) = self.lock();
+        let Some(node) = tree.get_mut(&agent) else {
+            return;
+        };
+        if node.state == NodeState::Ended {
+            return;
+        }
+        node.roll(window);
+        node.state = NodeState::Ended;
+        let (parent, slice) = (node.parent, node.limit);
+        let used = node.spent + node.reserved + node.ended_children + node.delegated;
+
+        let Some(parent) = parent.and_then(|p| tree.get_mut(&p)) else {
+            return;
+        };
+        parent.roll(window);
+        parent.delegated = parent.delegated.saturating_sub(slice);
+        parent.ended_children = parent.ended_children + used;
+    }
+
+    /// Freezes `agent`'s budget: it and its descendants can reserve nothing more.
+    pub fn freeze(&self, agent: AgentKey) {
+        let (mut tree, _) = self.lock();
+        if let Some(node) = tree.get_mut(&agent)
+            && node.state == NodeState::Live
+        {
+            node.state = NodeState::Frozen;
+        }
+    }
+
+    pub fn view(&self, agent: AgentKey) -> Option<BudgetView> {
+        let (mut tree, window) = self.lock();
+        let node = tree.get_mut(&agent)?;
+        node.roll(window);
+        Some(node.view())
+    }
+}
+
+fn new_node(parent: Option<AgentKey>, limit: Amount, window: u64) -> Node {
+    Node {
+        parent,
+        limit,
+        spent: Amount::ZERO,
+        reserved: Amount::ZERO,
+        delegated: Amount::ZERO,
+        ended_children: Amount::ZERO,
+        window,
+        state: NodeState::Live,
+    }
+}
+
+/// Checks that `agent` and every ancestor can still spend.
+fn check_path(tree: &HashMap<AgentKey, Node>, agent: AgentKey) -> Result<(), BudgetError> {
+    let mut next = Some(agent);
+    while let Some(key) = next {
+        let node = tree.get(&key).ok_or(BudgetError::Unknown(key))?;
+        match node.state {
+            NodeState::Live => {}
+            NodeState::Frozen => return Err(BudgetError::Frozen(key)),
+            NodeState::Ended => return Err(BudgetError::Ended(key)),
+        }
+        next = node.parent;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
