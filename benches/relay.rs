@@ -10,12 +10,14 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use http::HeaderMap;
-use warden::config::{AgentConfig, Config};
+use warden::budget::{Budgets, SystemClock};
+use warden::config::Config;
 use warden::identity::Identities;
 use warden::metering::{StreamFormat, StreamMeter};
 use warden::proxy::sse::{self, Framer};
@@ -62,7 +64,7 @@ fn fixture(name: &str) -> Bytes {
 /// Relays a whole recorded body the way `Relay` does, returning the bytes forwarded.
 fn relay(body: &[u8], chunk: usize, format: StreamFormat) -> usize {
     let mut framer = Framer::default();
-    let mut meter = StreamMeter::new(format, 100);
+    let mut meter = StreamMeter::new(format, 100, 16_384);
     let mut forwarded = 0;
 
     for piece in body.chunks(chunk) {
@@ -127,13 +129,11 @@ fn bench_relay(c: &mut Criterion) {
 
 fn bench_admission(c: &mut Criterion) {
     let config = Config::load(None).expect("embedded config");
-    let key = "bench-agent-key-000000000000000000000001";
-    let agent = AgentConfig {
-        spiffe_id: "spiffe://bench.local/agent/b/one".into(),
-        key_sha256: sha256_hex(key),
-        models: vec!["*".into()],
-    };
-    let identities = Identities::new(&config.operator.key_sha256, &[agent]).unwrap();
+    // The embedded policy's demo lead.
+    let key = "wdn-demo-agent-0001";
+    let budgets = Budgets::new(Arc::new(SystemClock));
+    let identities =
+        Identities::new(&config.operator.key_sha256, &config.policy, &budgets).unwrap();
     let routes = Routes::new(&config, 1).unwrap();
 
     let mut headers = HeaderMap::new();
@@ -153,7 +153,7 @@ fn bench_admission(c: &mut Criterion) {
                     let agent = identities.authenticate_agent(&headers).unwrap();
                     let inspected = inspect(Endpoint::Chat, &body).unwrap();
                     let route = routes.get(&inspected.model).unwrap();
-                    assert!(agent.models.allows(&route.model));
+                    assert!(agent.manifest.allows_model(&route.model));
                     black_box(rewrite(Endpoint::Chat, body.clone(), &inspected).unwrap())
                 },
                 BatchSize::SmallInput,
@@ -161,11 +161,6 @@ fn bench_admission(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-fn sha256_hex(key: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(key.as_bytes()))
 }
 
 criterion_group!(benches, bench_relay, bench_admission);

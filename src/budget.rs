@@ -194,6 +194,8 @@ pub struct Reservation {
     budgets: Arc<Budgets>,
     agent: AgentKey,
     amount: Amount,
+    /// The least this reservation will settle for.
+    floor: Amount,
     settled: bool,
 }
 
@@ -202,11 +204,19 @@ impl Reservation {
         self.amount
     }
 
-    /// Releases the reservation and records `actual` as spent. An actual cost above
+    /// Makes the eventual settlement count the whole reservation as spent, whatever
+    /// actual cost it is given: for requests whose cost Warden cannot see.
+    pub fn hold_as_spent(&mut self) {
+        self.floor = self.amount;
+    }
+
+    /// Releases the reservation and records `actual` as spent (or the amount held by
+    /// [`Reservation::hold_as_spent`], if larger). An actual cost above
     /// the reservation is recorded in full: it is what the provider billed.
     pub fn settle(mut self, actual: Amount) {
         self.settled = true;
-        self.budgets.release(self.agent, self.amount, actual);
+        self.budgets
+            .release(self.agent, self.amount, actual.max(self.floor));
     }
 }
 
@@ -287,19 +297,32 @@ impl Budgets {
         agent: AgentKey,
         amount: Amount,
     ) -> Result<Reservation, BudgetError> {
+        self.reserve_up_to(agent, amount, amount)
+    }
+
+    /// Holds as much of `max` as fits, refusing if not even `min` does: the request
+    /// is then clamped to what was held. One step, so two requests cannot both take
+    /// the same room.
+    pub fn reserve_up_to(
+        self: &Arc<Self>,
+        agent: AgentKey,
+        min: Amount,
+        max: Amount,
+    ) -> Result<Reservation, BudgetError> {
         let (mut tree, window) = self.lock();
         check_path(&tree, agent)?;
         let node = tree.get_mut(&agent).ok_or(BudgetError::Unknown(agent))?;
         node.roll(window);
 
         let available = node.room();
-        if amount > available {
+        if min > available {
             return Err(BudgetError::Exceeded {
-                needed: amount,
+                needed: min,
                 available,
                 limit: node.limit,
             });
         }
+        let amount = max.min(available);
         node.reserved = node.reserved + amount;
         drop(tree);
 
@@ -307,6 +330,7 @@ impl Budgets {
             budgets: Arc::clone(self),
             agent,
             amount,
+            floor: Amount::ZERO,
             settled: false,
         })
     }

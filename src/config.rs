@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
 use serde::Deserialize;
+
+use crate::policy::Policy;
 
 /// The embedded default configuration, used when no `--config` is given.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/warden.toml");
@@ -42,9 +45,10 @@ pub struct Config {
     pub server: ServerConfig,
     pub operator: OperatorConfig,
     pub providers: Vec<ProviderConfig>,
-    pub agents: Vec<AgentConfig>,
     /// Price per model id, in USD per million tokens.
     pub prices: HashMap<String, Price>,
+    /// Leads, scopes and delegation rules.
+    pub policy: Policy,
 }
 
 /// The `[server]` table: the listener, state directory and request limits.
@@ -78,7 +82,7 @@ pub struct ServerConfig {
     pub usage_flush_interval: Duration,
 }
 
-/// The `[operator]` table: the key that may read usage and, later, manage agents.
+/// The `[operator]` table: the key that may read usage and manage every agent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorConfig {
@@ -104,17 +108,6 @@ pub struct ProviderConfig {
     pub first_byte_timeout: Duration,
 }
 
-/// An agent declared by the operator: its identity, key hash and the models it may use.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentConfig {
-    pub spiffe_id: String,
-    /// Hex SHA-256 of the agent's bearer key; the key itself is never stored.
-    pub key_sha256: String,
-    /// Models this agent may call; `["*"]` grants every configured model.
-    pub models: Vec<String>,
-}
-
 /// Prices in USD per million tokens. Cached input defaults to the input price.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,6 +118,27 @@ pub struct Price {
     pub cached_input: Option<Decimal>,
     #[serde(with = "rust_decimal::serde::str")]
     pub output: Decimal,
+    /// The most output tokens the model produces for one request; a request that sets
+    /// no limit of its own is reserved (and capped) at this.
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u64,
+}
+
+impl Price {
+    /// Input and output prices per token in picodollars. Exact: prices have at most
+    /// six decimals per million tokens (checked when the table is read).
+    pub fn per_token(&self) -> (u64, u64) {
+        let picos = |usd_per_million: Decimal| {
+            (usd_per_million * Decimal::from(1_000_000))
+                .to_u64()
+                .unwrap_or(u64::MAX)
+        };
+        (picos(self.input), picos(self.output))
+    }
+}
+
+fn default_max_output_tokens() -> u64 {
+    16_384
 }
 
 #[derive(Deserialize)]
@@ -134,10 +148,10 @@ struct ConfigFile {
     operator: OperatorConfig,
     /// Price table path, relative to the configuration file. Absent means the embedded one.
     prices: Option<PathBuf>,
+    /// Policy path, relative to the configuration file. Absent means the embedded one.
+    policy: Option<PathBuf>,
     #[serde(default)]
     providers: Vec<ProviderConfig>,
-    #[serde(default)]
-    agents: Vec<AgentConfig>,
 }
 
 #[derive(Deserialize)]
@@ -175,12 +189,22 @@ impl Config {
             _ => parse_prices(DEFAULT_PRICES, "embedded models.toml")?,
         };
 
+        let served = |model: &str| {
+            file.providers
+                .iter()
+                .any(|p| p.models.iter().any(|m| m == model))
+        };
+        let policy_path = dir
+            .zip(file.policy.as_ref())
+            .map(|(dir, rel)| dir.join(rel));
+        let policy = Policy::load(policy_path.as_deref(), served)?;
+
         let config = Config {
             server: file.server,
             operator: file.operator,
             providers: file.providers,
-            agents: file.agents,
             prices,
+            policy,
         };
         config.validate()?;
         Ok(config)
@@ -215,25 +239,7 @@ impl Config {
             }
         }
 
-        check_hash("operator.key_sha256", &self.operator.key_sha256)?;
-        for agent in &self.agents {
-            check_hash(
-                &format!("agent {} key_sha256", agent.spiffe_id),
-                &agent.key_sha256,
-            )?;
-            if !agent.spiffe_id.starts_with("spiffe://") {
-                return invalid(format!("agent {} must be a spiffe:// URI", agent.spiffe_id));
-            }
-            for model in &agent.models {
-                if model != "*" && !served_by.contains_key(model.as_str()) {
-                    return invalid(format!(
-                        "agent {} is granted model {model}, which no provider serves",
-                        agent.spiffe_id
-                    ));
-                }
-            }
-        }
-        Ok(())
+        check_hash("operator.key_sha256", &self.operator.key_sha256)
     }
 }
 

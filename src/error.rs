@@ -10,6 +10,8 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
+use crate::budget::{Amount, BudgetError};
+
 /// Whose fault an error is: decides the log level and the metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -63,6 +65,21 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("this agent may not use the model '{0}'")]
     ModelNotPermitted(String),
+    #[error(
+        "budget exceeded for {agent}: {needed} needed, {available} available of its {limit} daily limit"
+    )]
+    BudgetExceeded {
+        agent: String,
+        needed: Amount,
+        available: Amount,
+        limit: Amount,
+    },
+    #[error("the budget of {agent} is frozen")]
+    BudgetFrozen { agent: String },
+    #[error("{agent} has ended")]
+    AgentEnded { agent: String },
+    #[error("stream cut: {agent} reached the {tokens} output tokens its budget reserved")]
+    StreamBudget { agent: String, tokens: u64 },
     #[error("unknown URL: {method} {path}")]
     UnknownRoute { method: String, path: String },
     #[error("provider '{provider}' has no API key: set the environment variable {env}")]
@@ -88,6 +105,28 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The refusal for a budget operation on `agent`'s behalf.
+    pub fn from_budget(agent: &str, error: BudgetError) -> ApiError {
+        let agent = agent.to_owned();
+        match error {
+            BudgetError::Exceeded {
+                needed,
+                available,
+                limit,
+            } => ApiError::BudgetExceeded {
+                agent,
+                needed,
+                available,
+                limit,
+            },
+            BudgetError::Frozen(_) => ApiError::BudgetFrozen { agent },
+            BudgetError::Ended(_) => ApiError::AgentEnded { agent },
+            BudgetError::Unknown(key) => {
+                ApiError::Internal(format!("no budget node {key} for {agent}"))
+            }
+        }
+    }
+
     /// The one mapping from error to status, OpenAI type and code, and fault.
     pub fn descriptor(&self) -> Descriptor {
         use ApiError::*;
@@ -109,6 +148,10 @@ impl ApiError {
             BodyRead(_) => (400, "invalid_request_error", "body_unreadable", Client),
             ModelNotFound(_) => (404, "invalid_request_error", "model_not_found", Client),
             ModelNotPermitted(_) => (403, "permission_error", "permission_denied", Client),
+            BudgetExceeded { .. } => (429, "insufficient_quota", "budget_exceeded", Client),
+            BudgetFrozen { .. } => (403, "permission_error", "budget_frozen", Client),
+            AgentEnded { .. } => (403, "permission_error", "agent_ended", Client),
+            StreamBudget { .. } => (429, "insufficient_quota", "budget_exceeded", Client),
             UnknownRoute { .. } => (404, "invalid_request_error", "unknown_url", Client),
             ProviderKeyMissing { .. } => (502, "upstream_error", "provider_not_configured", Config),
             UpstreamUnreachable { .. } => (502, "upstream_error", "upstream_unreachable", Upstream),

@@ -7,38 +7,26 @@
 //! other credentials (an X.509-SVID over mTLS) can be added behind the same call.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::config::{AgentConfig, ConfigError};
+use crate::budget::{AgentKey, Budgets};
+use crate::config::ConfigError;
 use crate::error::ApiError;
+use crate::policy::{Manifest, Policy};
 
 /// A caller of the data plane.
 #[derive(Debug)]
 pub struct Agent {
     /// The agent's SPIFFE ID, used as its identity in metrics, logs and records.
     pub spiffe_id: Arc<str>,
-    pub models: ModelGrant,
-}
-
-/// The models an agent may call.
-#[derive(Debug)]
-pub enum ModelGrant {
-    /// Every model Warden serves.
-    All,
-    /// Only these models.
-    Only(Vec<String>),
-}
-
-impl ModelGrant {
-    pub fn allows(&self, model: &str) -> bool {
-        match self {
-            ModelGrant::All => true,
-            ModelGrant::Only(models) => models.iter().any(|m| m == model),
-        }
-    }
+    /// The agent's node in the budget tree.
+    pub budget: AgentKey,
+    /// What the agent may use.
+    pub manifest: Arc<Manifest>,
 }
 
 /// Who is calling: an agent, or the operator.
@@ -53,28 +41,39 @@ type KeyHash = [u8; 32];
 pub struct Identities {
     agents: DashMap<KeyHash, Arc<Agent>>,
     operator: KeyHash,
+    next_key: AtomicU64,
 }
 
 impl Identities {
-    pub fn new(operator_sha256: &str, agents: &[AgentConfig]) -> Result<Self, ConfigError> {
-        let table = DashMap::new();
-        for config in agents {
-            let models = if config.models.iter().any(|m| m == "*") {
-                ModelGrant::All
-            } else {
-                ModelGrant::Only(config.models.clone())
-            };
-            let agent = Agent {
-                spiffe_id: config.spiffe_id.as_str().into(),
-                models,
-            };
-            table.insert(parse_hash(&config.key_sha256)?, Arc::new(agent));
-        }
-
-        Ok(Identities {
-            agents: table,
+    /// The operator and the policy's leads, each lead with its own budget.
+    pub fn new(
+        operator_sha256: &str,
+        policy: &Policy,
+        budgets: &Budgets,
+    ) -> Result<Self, ConfigError> {
+        let identities = Identities {
+            agents: DashMap::new(),
             operator: parse_hash(operator_sha256)?,
-        })
+            next_key: AtomicU64::new(1),
+        };
+        for lead in &policy.leads {
+            let budget = identities.next_budget_key();
+            budgets.add_root(budget, lead.daily_limit);
+            let agent = Agent {
+                spiffe_id: lead.spiffe_id.as_str().into(),
+                budget,
+                manifest: Arc::new(policy.catalogue.manifest(&lead.scopes)),
+            };
+            identities
+                .agents
+                .insert(parse_hash(&lead.key_sha256)?, Arc::new(agent));
+        }
+        Ok(identities)
+    }
+
+    /// A fresh key for a new node in the budget tree.
+    pub fn next_budget_key(&self) -> AgentKey {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The caller behind a request's `Authorization: Bearer` key.

@@ -8,8 +8,10 @@
 //!
 //! - [`server`]: the listener, the routes and graceful shutdown; owns the shared state.
 //! - [`identity`]: the bearer key names the calling agent.
+//! - [`policy`]: the operator's leads, scope catalogue and delegation rules.
 //! - [`proxy`]: the request path as phases: read, inspect, admit, rewrite, forward,
 //!   relay (with [`proxy::sse`] framing the stream), settle.
+//! - [`budget`]: every agent's limit, reservations before forwarding, settlement after.
 //! - [`metering`]: tokens and cost per event and per request, from provider usage or a
 //!   local upper bound.
 //! - [`store`]: the SQLite database and the write-behind usage log.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod metering;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod store;

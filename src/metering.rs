@@ -93,18 +93,24 @@ pub struct StreamMeter {
     format: StreamFormat,
     /// Upper bound on prompt tokens: the request body's length in bytes.
     prompt_bound: u64,
+    /// The most output tokens the provider was allowed (the request's max tokens).
+    output_cap: u64,
     /// Bytes of generated text (content, reasoning, tool arguments) seen so far.
     text_bytes: u64,
+    /// Events that carried generated text: each carries at least one token.
+    text_events: u64,
     /// The provider's usage, once reported.
     reported: Option<Usage>,
 }
 
 impl StreamMeter {
-    pub fn new(format: StreamFormat, prompt_bound: u64) -> StreamMeter {
+    pub fn new(format: StreamFormat, prompt_bound: u64, output_cap: u64) -> StreamMeter {
         StreamMeter {
             format,
             prompt_bound,
+            output_cap,
             text_bytes: 0,
+            text_events: 0,
             reported: None,
         }
     }
@@ -117,18 +123,23 @@ impl StreamMeter {
         };
 
         self.text_bytes += observed.text_bytes;
+        self.text_events += u64::from(observed.text_bytes > 0);
         if let Some(usage) = observed.usage {
             self.reported = Some(usage);
         }
         Ok(observed.class)
     }
 
-    /// Output tokens so far: the provider's figure once known, else the local bound.
-    pub fn output_tokens(&self) -> u64 {
-        match self.reported {
-            Some(usage) => usage.output_tokens,
-            None => self.text_bytes,
-        }
+    /// A lower bound on the output tokens delivered so far: every event with text
+    /// carries at least one. Passing the request's max tokens on this count means the
+    /// provider ignored the limit, and the relay cuts the stream.
+    pub fn tokens_at_least(&self) -> u64 {
+        self.text_events
+    }
+
+    /// Whether the stream has delivered more than the provider was allowed to generate.
+    pub fn over_cap(&self) -> bool {
+        self.text_events > self.output_cap
     }
 
     /// The usage to settle with, and whether the provider reported it.
@@ -139,25 +150,28 @@ impl StreamMeter {
         }
     }
 
+    /// The upper bound: prompt bytes, and text bytes up to the request's max tokens
+    /// (a provider never generates more than the max tokens Warden set).
     fn estimate(&self) -> Usage {
         Usage {
             input_tokens: self.prompt_bound,
             cached_tokens: 0,
-            output_tokens: self.text_bytes,
+            output_tokens: self.text_bytes.min(self.output_cap),
         }
     }
 }
 
 /// Usage of a non-streamed response body. Without a usage object the whole body's
-/// length bounds the output, and the request body's length bounds the prompt.
-pub fn body_usage(body: &[u8], prompt_bound: u64) -> (Usage, UsageSource) {
+/// length bounds the output (up to the request's max tokens), and the request body's
+/// length bounds the prompt.
+pub fn body_usage(body: &[u8], prompt_bound: u64, output_cap: u64) -> (Usage, UsageSource) {
     match wire::body_usage(body) {
         Some(usage) => (usage, UsageSource::Provider),
         None => {
             let usage = Usage {
                 input_tokens: prompt_bound,
                 cached_tokens: 0,
-                output_tokens: body.len() as u64,
+                output_tokens: (body.len() as u64).min(output_cap),
             };
             (usage, UsageSource::Estimate)
         }
@@ -174,6 +188,7 @@ mod tests {
             input: Decimal::from_str(input).unwrap(),
             cached_input: cached.map(|c| Decimal::from_str(c).unwrap()),
             output: Decimal::from_str(output).unwrap(),
+            max_output_tokens: 16_384,
         }
     }
 
@@ -202,11 +217,21 @@ mod tests {
 
     #[test]
     fn meter_prefers_reported_usage() {
-        let mut meter = StreamMeter::new(StreamFormat::Chat, 500);
+        let mut meter = StreamMeter::new(StreamFormat::Chat, 500, 8);
         let chunk = br#"{"choices":[{"index":0,"delta":{"content":"Hello there"}}]}"#;
         assert_eq!(meter.observe(chunk).unwrap(), EventClass::Forward);
-        assert_eq!(meter.output_tokens(), 11);
-        assert_eq!(meter.settle().1, UsageSource::Estimate);
+        assert_eq!(meter.tokens_at_least(), 1);
+        assert_eq!(
+            meter.settle(),
+            (
+                Usage {
+                    input_tokens: 500,
+                    cached_tokens: 0,
+                    output_tokens: 8
+                },
+                UsageSource::Estimate
+            )
+        );
 
         let usage =
             br#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;

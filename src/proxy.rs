@@ -27,6 +27,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
+use crate::budget::{Amount, Reservation};
 use crate::config::{Config, Price};
 use crate::error::ApiError;
 use crate::identity::Agent;
@@ -34,8 +35,8 @@ use crate::metering::{self, StreamFormat, StreamMeter};
 use crate::server::App;
 
 pub use relay::Relay;
-pub use request::{inspect, rewrite};
-pub use settle::{Outcome, Settlement};
+pub use request::{inspect, limit_output, rewrite};
+pub use settle::{Admitted, Outcome, Settlement};
 pub use upstream::{Provider, UpstreamSetupError, set_worker};
 
 /// The OpenAI endpoints Warden proxies.
@@ -78,6 +79,8 @@ pub struct Route {
     pub model: Arc<str>,
     pub provider: Arc<Provider>,
     pub price: Price,
+    /// Input and output price per token, in picodollars, for reservations.
+    pub per_token: (u64, u64),
 }
 
 /// Every model Warden serves, by the `model` a client sends.
@@ -93,10 +96,12 @@ impl Routes {
         for provider_config in &config.providers {
             let provider = Arc::new(Provider::new(provider_config, &tls, workers)?);
             for model in &provider_config.models {
+                let price = config.prices[model];
                 let route = Route {
                     model: model.as_str().into(),
                     provider: Arc::clone(&provider),
-                    price: config.prices[model],
+                    price,
+                    per_token: price.per_token(),
                 };
                 by_model.insert(model.clone(), Arc::new(route));
             }
@@ -178,18 +183,68 @@ async fn serve(
     let route = admit(app, &agent, &inspected.model).map_err(refuse)?;
     let stream = inspected.stream;
     let client_wants_usage = inspected.include_usage;
+    let prompt_bound = body.len() as u64;
     let body = rewrite(endpoint, body.clone(), &inspected).map_err(refuse)?;
+    let (reservation, output_cap) =
+        reserve(app, &agent, &route, endpoint, &inspected, prompt_bound).map_err(refuse)?;
+    let body = if inspected.max_output.map(|(n, _)| n) == Some(output_cap) {
+        body
+    } else {
+        limit_output(endpoint, body, &inspected, output_cap).map_err(refuse)?
+    };
 
-    let settlement = Settlement::new(
-        Arc::clone(app),
-        Arc::clone(request_id),
+    let admitted = Admitted {
+        request_id: Arc::clone(request_id),
         agent,
         route,
         endpoint,
         stream,
         started,
-    );
-    Ok(forward(app, settlement, body, client_wants_usage).await)
+    };
+    let settlement = Settlement::new(Arc::clone(app), admitted, reservation);
+    Ok(forward(
+        app,
+        settlement,
+        body,
+        client_wants_usage,
+        prompt_bound,
+        output_cap,
+    )
+    .await)
+}
+
+/// The reserve phase: holds the request's worst-case cost (every prompt byte a token,
+/// every allowed output token generated) against the agent's budget. A request that
+/// does not fit is clamped to the output tokens that do, down to the policy's floor;
+/// below that it is refused. Returns the reservation and the output tokens it covers.
+fn reserve(
+    app: &App,
+    agent: &Agent,
+    route: &Route,
+    endpoint: Endpoint,
+    inspected: &request::Inspected,
+    prompt_bound: u64,
+) -> Result<(Reservation, u64), ApiError> {
+    let (input_price, output_price) = route.per_token;
+    let cap = match endpoint {
+        Endpoint::Embeddings => 0,
+        Endpoint::Chat | Endpoint::Responses => route.price.max_output_tokens,
+    };
+    let wanted = inspected.max_output.map_or(cap, |(n, _)| n.min(cap));
+    let floor = app.min_output_tokens.min(wanted);
+
+    let prompt = Amount(prompt_bound.saturating_mul(input_price));
+    let at_most = |tokens: u64| prompt + Amount(tokens.saturating_mul(output_price));
+    let reservation = app
+        .budgets
+        .reserve_up_to(agent.budget, at_most(floor), at_most(wanted))
+        .map_err(|e| ApiError::from_budget(&agent.spiffe_id, e))?;
+
+    let covered = match output_price {
+        0 => wanted,
+        price => ((reservation.amount().0 - prompt.0) / price).min(wanted),
+    };
+    Ok((reservation, covered))
 }
 
 /// The admit phase: the model exists here and this agent may use it.
@@ -198,7 +253,7 @@ fn admit(app: &App, agent: &Agent, model: &str) -> Result<Arc<Route>, ApiError> 
         .routes
         .get(model)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
-    if !agent.models.allows(model) {
+    if !agent.manifest.allows_model(model) {
         return Err(ApiError::ModelNotPermitted(model.to_owned()));
     }
     Ok(Arc::clone(route))
@@ -210,8 +265,9 @@ async fn forward(
     settlement: Settlement,
     body: Bytes,
     client_wants_usage: bool,
+    prompt_bound: u64,
+    output_cap: u64,
 ) -> Response {
-    let prompt_bound = body.len() as u64;
     let provider = Arc::clone(&settlement.route().provider);
 
     let sent_at = Instant::now();
@@ -237,7 +293,7 @@ async fn forward(
 
     if is_event_stream(upstream.headers()) && status.is_success() {
         let format = settlement.endpoint().stream_format();
-        let meter = StreamMeter::new(format, prompt_bound);
+        let meter = StreamMeter::new(format, prompt_bound, output_cap);
         let relay = Relay::new(
             upstream.into_body(),
             meter,
@@ -257,7 +313,7 @@ async fn forward(
     };
     let upstream_time = sent_at.elapsed();
     if status.is_success() {
-        let (usage, source) = metering::body_usage(&body, prompt_bound);
+        let (usage, source) = metering::body_usage(&body, prompt_bound, output_cap);
         let overhead = settlement.overhead_besides(upstream_time);
         settlement.settle(usage, source, status, Outcome::Ok, None, overhead);
     } else {

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::budget::{Budgets, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::identity::Identities;
 use crate::proxy::Routes;
@@ -58,6 +59,9 @@ pub enum StartError {
 /// State shared by every request.
 pub struct App {
     pub identities: Identities,
+    pub budgets: Arc<Budgets>,
+    /// Below this many output tokens a request that does not fit is refused, not clamped.
+    pub min_output_tokens: u64,
     pub routes: Routes,
     pub metrics: Metrics,
     pub usage: UsageSink,
@@ -119,8 +123,11 @@ impl Server {
             n => n,
         };
 
+        let budgets = Budgets::new(Arc::new(SystemClock));
         let app = App {
-            identities: Identities::new(&config.operator.key_sha256, &config.agents)?,
+            identities: Identities::new(&config.operator.key_sha256, &config.policy, &budgets)?,
+            budgets,
+            min_output_tokens: config.policy.min_output_tokens,
             routes: Routes::new(&config, workers)?,
             metrics: Metrics::new(),
             usage: usage_log.sink(),

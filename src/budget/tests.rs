@@ -209,3 +209,20 @@ fn concurrent_reservations_never_pass_a_limit() {
     assert_eq!(lead.delegated, children_committed);
     assert!(lead.spent + lead.delegated <= lead.limit, "{lead:?}");
 }
+
+#[test]
+fn reserve_up_to_takes_what_fits_or_refuses_below_the_floor() {
+    let b = budgets();
+    b.add_root(1, usd("1"));
+    let held = b.reserve_up_to(1, usd("0.1"), usd("5")).unwrap();
+    assert_eq!(held.amount(), usd("1"));
+    assert!(matches!(
+        b.reserve_up_to(1, usd("0.1"), usd("5")),
+        Err(BudgetError::Exceeded { .. })
+    ));
+    held.settle(usd("0.5"));
+    assert_eq!(
+        b.reserve_up_to(1, usd("0.1"), usd("0.2")).unwrap().amount(),
+        usd("0.2")
+    );
+}

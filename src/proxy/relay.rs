@@ -123,6 +123,10 @@ impl Relay {
         while let Some(next) = self.framer.event_end(end) {
             let raw = &self.framer.bytes()[end..next];
             match inspect(&mut self.meter, &mut self.terminal, self.strip_usage, raw) {
+                Step::Forward if self.meter.over_cap() => {
+                    self.error_event = Some(self.cut());
+                    break;
+                }
                 Step::Forward => end = next,
                 Step::Skip => self.framer.remove(end..next),
                 Step::Fail(reason) => {
@@ -160,6 +164,22 @@ impl Relay {
         let (usage, source) = self.meter.settle();
         let ttft = self.ttft;
         settlement.settle(usage, source, StatusCode::OK, outcome, ttft, self.overhead);
+    }
+
+    /// Ends a stream that delivered more than the provider was allowed to generate:
+    /// the budget reserved no more.
+    fn cut(&mut self) -> Bytes {
+        let Some(settlement) = &self.settlement else {
+            return Bytes::new();
+        };
+        let error = ApiError::StreamBudget {
+            agent: settlement.agent_id().to_owned(),
+            tokens: self.meter.tokens_at_least() - 1,
+        };
+        error.log(settlement.request_id());
+        let endpoint = settlement.endpoint();
+        self.finish(Outcome::Cut);
+        error_event(endpoint, &error)
     }
 
     /// Ends the stream because of `error`: the client gets it as an SSE error event.

@@ -23,6 +23,8 @@ pub struct Inspected<'a> {
     has_stream_options: bool,
     /// The client asked for a usage chunk at the end of a chat stream.
     pub include_usage: bool,
+    /// The most output tokens the client asked for, and the field it used.
+    pub max_output: Option<(u64, &'static str)>,
 }
 
 #[derive(Deserialize)]
@@ -32,6 +34,9 @@ struct Probe<'a> {
     messages: Option<IgnoredAny>,
     input: Option<IgnoredAny>,
     stream: Option<bool>,
+    max_completion_tokens: Option<u64>,
+    max_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
     /// Outer `Some` when the key is present, even as `null`.
     #[serde(default, deserialize_with = "present")]
     stream_options: Option<Option<StreamOptions>>,
@@ -78,11 +83,20 @@ pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Result<Inspected<'_>, ApiErro
         .stream_options
         .as_ref()
         .and_then(|o| o.as_ref()?.include_usage);
+    let max_output = match endpoint {
+        Endpoint::Chat => probe
+            .max_completion_tokens
+            .map(|n| (n, "max_completion_tokens"))
+            .or(probe.max_tokens.map(|n| (n, "max_tokens"))),
+        Endpoint::Responses => probe.max_output_tokens.map(|n| (n, "max_output_tokens")),
+        Endpoint::Embeddings => None,
+    };
     Ok(Inspected {
         model,
         stream: probe.stream.unwrap_or(false),
         has_stream_options: probe.stream_options.is_some(),
         include_usage: include_usage.unwrap_or(false),
+        max_output,
     })
 }
 
@@ -122,18 +136,47 @@ pub fn rewrite(endpoint: Endpoint, body: Bytes, inspected: &Inspected) -> Result
     Ok(bytes.into())
 }
 
-/// Inserts `"stream_options":{"include_usage":true},` right after the body's opening
-/// brace. The body is known to be a JSON object with at least a `model` member.
-fn splice_include_usage(body: &[u8]) -> Bytes {
-    const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+/// Caps the request's output at `tokens`, in the field the client used or, if it set
+/// none, in the endpoint's own (`max_completion_tokens`, `max_output_tokens`).
+pub fn limit_output(
+    endpoint: Endpoint,
+    body: Bytes,
+    inspected: &Inspected,
+    tokens: u64,
+) -> Result<Bytes, ApiError> {
+    let Some((_, field)) = inspected.max_output else {
+        let field = match endpoint {
+            Endpoint::Chat => "max_completion_tokens",
+            Endpoint::Responses => "max_output_tokens",
+            Endpoint::Embeddings => return Ok(body),
+        };
+        return Ok(splice(&body, format!("\"{field}\":{tokens},").as_bytes()));
+    };
 
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&body).map_err(ApiError::MalformedJson)?;
+    value.insert(field.to_owned(), tokens.into());
+    let bytes = serde_json::to_vec(&value).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(bytes.into())
+}
+
+/// Inserts `"stream_options":{"include_usage":true},` right after the body's opening
+/// brace.
+fn splice_include_usage(body: &[u8]) -> Bytes {
+    splice(body, br#""stream_options":{"include_usage":true},"#)
+}
+
+/// Inserts `member` (`"name":value,`) right after the body's opening brace, leaving
+/// every other byte as sent. The body is known to be a JSON object with at least a
+/// `model` member, so the trailing comma is always followed by one.
+fn splice(body: &[u8], member: &[u8]) -> Bytes {
     let brace = body
         .iter()
         .position(|&b| b == b'{')
         .expect("inspect() accepted the body, so it is a JSON object");
-    let mut out = BytesMut::with_capacity(body.len() + FIELD.len());
+    let mut out = BytesMut::with_capacity(body.len() + member.len());
     out.extend_from_slice(&body[..=brace]);
-    out.extend_from_slice(FIELD);
+    out.extend_from_slice(member);
     out.extend_from_slice(&body[brace + 1..]);
     out.freeze()
 }
@@ -192,6 +235,24 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(value["stream_options"]["include_usage"], true);
         assert_eq!(value["stream_options"]["include_obfuscation"], false);
+    }
+
+    #[test]
+    fn output_limit_is_set_in_the_field_the_client_used() {
+        let body = Bytes::from_static(br#"{"model":"m","messages":[],"max_tokens":900}"#);
+        let inspected = inspect(Endpoint::Chat, &body).unwrap();
+        assert_eq!(inspected.max_output, Some((900, "max_tokens")));
+        let out = limit_output(Endpoint::Chat, body.clone(), &inspected, 40).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(value["max_tokens"], 40);
+
+        let body = Bytes::from_static(br#"{"model":"m","input":"hi"}"#);
+        let inspected = inspect(Endpoint::Responses, &body).unwrap();
+        let out = limit_output(Endpoint::Responses, body.clone(), &inspected, 7).unwrap();
+        assert_eq!(
+            &out[..],
+            &br#"{"max_output_tokens":7,"model":"m","input":"hi"}"#[..]
+        );
     }
 
     #[test]

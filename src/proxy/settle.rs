@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 
 use super::{Endpoint, Route};
+use crate::budget::{Amount, Reservation};
 use crate::error::ApiError;
 use crate::identity::Agent;
 use crate::metering::{self, Usage, UsageSource};
@@ -32,6 +33,8 @@ pub enum Outcome {
     UpstreamCut,
     /// The client went away before the stream ended.
     Abandoned,
+    /// Warden cut the stream at the output its budget reserved.
+    Cut,
 }
 
 impl Outcome {
@@ -42,8 +45,20 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::UpstreamCut => "upstream_cut",
             Outcome::Abandoned => "abandoned",
+            Outcome::Cut => "cut",
         }
     }
+}
+
+/// What is known of a request once it is admitted: who sent it, where it goes.
+pub struct Admitted {
+    pub request_id: Arc<str>,
+    pub agent: Arc<Agent>,
+    pub route: Arc<Route>,
+    pub endpoint: Endpoint,
+    pub stream: bool,
+    /// When the request arrived.
+    pub started: Instant,
 }
 
 /// Everything needed to settle one admitted request.
@@ -56,30 +71,25 @@ pub struct Settlement {
     stream: bool,
     started: Instant,
     started_at_ms: i64,
+    /// The worst-case cost held for this request, settled with the actual cost.
+    reservation: Reservation,
 }
 
 impl Settlement {
-    pub fn new(
-        app: Arc<App>,
-        request_id: Arc<str>,
-        agent: Arc<Agent>,
-        route: Arc<Route>,
-        endpoint: Endpoint,
-        stream: bool,
-        started: Instant,
-    ) -> Settlement {
+    pub fn new(app: Arc<App>, admitted: Admitted, reservation: Reservation) -> Settlement {
         let started_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         Settlement {
             app,
-            request_id,
-            agent,
-            route,
-            endpoint,
-            stream,
-            started,
+            request_id: admitted.request_id,
+            agent: admitted.agent,
+            route: admitted.route,
+            endpoint: admitted.endpoint,
+            stream: admitted.stream,
+            started: admitted.started,
             started_at_ms,
+            reservation,
         }
     }
 
@@ -93,6 +103,10 @@ impl Settlement {
 
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.agent.spiffe_id
     }
 
     pub fn request_id(&self) -> &str {
@@ -120,6 +134,9 @@ impl Settlement {
         overhead: Duration,
     ) {
         let cost = metering::cost(&self.route.price, &usage);
+        let held = self.reservation.amount();
+        self.reservation
+            .settle(Amount::from_usd(cost).unwrap_or(held));
         let latency = self.started.elapsed();
         let metrics = &self.app.metrics;
         let (agent, model) = (&*self.agent.spiffe_id, &*self.route.model);
@@ -178,11 +195,15 @@ impl Settlement {
 
     /// Settles an upstream fault before any response began and answers with its error.
     ///
-    /// Limitation: a provider that timed out may still finish and bill the request;
-    /// Warden records such a request as unbilled because it cannot see that cost.
-    pub fn fail(self, error: ApiError, upstream_time: Duration) -> Response {
+    /// A provider that timed out may still finish and bill the request, so its whole
+    /// reservation stays spent: the budget can only be under-used. The usage record
+    /// shows no tokens, since Warden never saw any.
+    pub fn fail(mut self, error: ApiError, upstream_time: Duration) -> Response {
         error.log(&self.request_id);
         let status = error.descriptor().status;
+        if matches!(error, ApiError::UpstreamTimeout { .. }) {
+            self.reservation.hold_as_spent();
+        }
         self.settle_unbilled(status, Outcome::UpstreamError, upstream_time);
         error.into_response()
     }

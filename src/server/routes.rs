@@ -70,7 +70,7 @@ async fn models(State(app): AppState, headers: HeaderMap) -> Result<Response, Ap
         .routes
         .all()
         .into_iter()
-        .filter(|route| agent.models.allows(&route.model))
+        .filter(|route| agent.manifest.allows_model(&route.model))
         .map(|route| ModelEntry {
             id: &route.model,
             object: "model",

@@ -21,6 +21,9 @@ pub const LIMITED_KEY: &str = "e2e-agent-key-0002";
 pub const LIMITED_ID: &str = "spiffe://e2e.test/agent/qa/limited";
 pub const OPERATOR_KEY: &str = "e2e-operator-key";
 const MOCK_KEY: &str = "e2e-upstream-secret";
+/// Daily limits of the two leads, in USD.
+pub const AGENT_LIMIT: &str = "100.00";
+pub const LIMITED_LIMIT: &str = "0.01";
 
 /// Price of the mock models (USD per million tokens): input, cached input, output.
 pub const SMALL_PRICE: (&str, &str, &str) = ("0.15", "0.075", "0.60");
@@ -186,6 +189,7 @@ fn write_config(dir: &Path, mock_url: &str) {
     let config = format!(
         r#"
 prices = "models.toml"
+policy = "policy.toml"
 
 [server]
 listen = "127.0.0.1:0"
@@ -222,23 +226,53 @@ base_url = "{mock_url}"
 api_key_env = "WARDEN_E2E_UNSET_KEY"
 models = ["mock-keyless"]
 
-[[agents]]
-spiffe_id = "{AGENT_ID}"
-key_sha256 = "{agent}"
-models = ["*"]
-
-[[agents]]
-spiffe_id = "{LIMITED_ID}"
-key_sha256 = "{limited}"
-models = ["mock-small"]
 "#,
         data = dir.join("data").display(),
         operator = sha256(OPERATOR_KEY),
-        agent = sha256(AGENT_KEY),
-        limited = sha256(LIMITED_KEY),
         mock_models = quoted(&mock_models),
     );
     std::fs::write(dir.join("warden.toml"), config).unwrap();
+
+    let policy = format!(
+        r#"
+trust_domain = "e2e.test"
+
+[scopes."models.all"]
+models = ["*"]
+
+[scopes."models.small"]
+models = ["mock-small"]
+
+[[leads]]
+spiffe_id = "{AGENT_ID}"
+key_sha256 = "{agent}"
+daily_limit = "{AGENT_LIMIT}"
+scopes = ["models.all", "models.small"]
+
+[leads.delegation]
+max_children = 40
+max_depth = 2
+max_slice = "{AGENT_LIMIT}"
+allowed_scopes = ["models.small"]
+max_lifetime = "72h"
+
+[[leads]]
+spiffe_id = "{LIMITED_ID}"
+key_sha256 = "{limited}"
+daily_limit = "{LIMITED_LIMIT}"
+scopes = ["models.small"]
+
+[leads.delegation]
+max_children = 0
+max_depth = 0
+max_slice = "0"
+allowed_scopes = []
+max_lifetime = "1h"
+"#,
+        agent = sha256(AGENT_KEY),
+        limited = sha256(LIMITED_KEY),
+    );
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
 
     let (input, cached, output) = SMALL_PRICE;
     let mut prices = String::new();

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod budgets;
 mod chat;
 mod errors;
 mod lifecycle;
