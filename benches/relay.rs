@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use http::HeaderMap;
+use warden::agents::Registry;
 use warden::budget::{Budgets, SystemClock};
 use warden::config::Config;
 use warden::identity::Identities;
@@ -132,8 +133,8 @@ fn bench_admission(c: &mut Criterion) {
     // The embedded policy's demo lead.
     let key = "wdn-demo-agent-0001";
     let budgets = Budgets::new(Arc::new(SystemClock));
-    let identities =
-        Identities::new(&config.operator.key_sha256, &config.policy, &budgets).unwrap();
+    let registry = Registry::new(&config.policy, &budgets).unwrap();
+    let identities = Identities::new(&config.operator.key_sha256, &registry).unwrap();
     let routes = Routes::new(&config, 1).unwrap();
 
     let mut headers = HeaderMap::new();

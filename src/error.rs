@@ -80,6 +80,20 @@ pub enum ApiError {
     AgentEnded { agent: String },
     #[error("stream cut: {agent} reached the {tokens} output tokens its budget reserved")]
     StreamBudget { agent: String, tokens: u64 },
+    #[error("no agent {0}")]
+    AgentNotFound(String),
+    #[error("{caller} may act only on itself and its descendants, not on {target}")]
+    NotYourAgent { caller: String, target: String },
+    #[error("an agent named {spiffe_id} is already live")]
+    NameTaken { spiffe_id: String },
+    #[error("spawn refused by policy: {0}")]
+    DelegationDenied(String),
+    #[error("scope {scope} cannot be granted: {why}")]
+    ScopeNotGranted { scope: String, why: String },
+    #[error("a spawned agent starts WATCHED; {0} cannot be requested")]
+    TrustDenied(String),
+    #[error("{parent} is {state} and cannot spawn")]
+    ParentUnavailable { parent: String, state: &'static str },
     #[error("unknown URL: {method} {path}")]
     UnknownRoute { method: String, path: String },
     #[error("provider '{provider}' has no API key: set the environment variable {env}")]
@@ -152,6 +166,15 @@ impl ApiError {
             BudgetFrozen { .. } => (403, "permission_error", "budget_frozen", Client),
             AgentEnded { .. } => (403, "permission_error", "agent_ended", Client),
             StreamBudget { .. } => (429, "insufficient_quota", "budget_exceeded", Client),
+            AgentNotFound(_) => (404, "invalid_request_error", "agent_not_found", Client),
+            NotYourAgent { .. } => (403, "permission_error", "not_a_descendant", Client),
+            NameTaken { .. } => (409, "invalid_request_error", "name_taken", Client),
+            DelegationDenied(_) => (403, "permission_error", "delegation_denied", Client),
+            ScopeNotGranted { .. } => (403, "permission_error", "scope_not_granted", Client),
+            TrustDenied(_) => (403, "permission_error", "trust_level_denied", Client),
+            ParentUnavailable { .. } => {
+                (409, "invalid_request_error", "parent_unavailable", Client)
+            }
             UnknownRoute { .. } => (404, "invalid_request_error", "unknown_url", Client),
             ProviderKeyMissing { .. } => (502, "upstream_error", "provider_not_configured", Config),
             UpstreamUnreachable { .. } => (502, "upstream_error", "upstream_unreachable", Upstream),

@@ -7,27 +7,16 @@
 //! other credentials (an X.509-SVID over mTLS) can be added behind the same call.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use dashmap::DashMap;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::budget::{AgentKey, Budgets};
+pub use crate::agents::Agent;
+use crate::agents::Registry;
 use crate::config::ConfigError;
 use crate::error::ApiError;
-use crate::policy::{Manifest, Policy};
-
-/// A caller of the data plane.
-#[derive(Debug)]
-pub struct Agent {
-    /// The agent's SPIFFE ID, used as its identity in metrics, logs and records.
-    pub spiffe_id: Arc<str>,
-    /// The agent's node in the budget tree.
-    pub budget: AgentKey,
-    /// What the agent may use.
-    pub manifest: Arc<Manifest>,
-}
 
 /// Who is calling: an agent, or the operator.
 pub enum Caller {
@@ -41,39 +30,29 @@ type KeyHash = [u8; 32];
 pub struct Identities {
     agents: DashMap<KeyHash, Arc<Agent>>,
     operator: KeyHash,
-    next_key: AtomicU64,
 }
 
 impl Identities {
-    /// The operator and the policy's leads, each lead with its own budget.
-    pub fn new(
-        operator_sha256: &str,
-        policy: &Policy,
-        budgets: &Budgets,
-    ) -> Result<Self, ConfigError> {
+    /// The operator and every live agent of the registry.
+    pub fn new(operator_sha256: &str, registry: &Registry) -> Result<Self, ConfigError> {
         let identities = Identities {
             agents: DashMap::new(),
             operator: parse_hash(operator_sha256)?,
-            next_key: AtomicU64::new(1),
         };
-        for lead in &policy.leads {
-            let budget = identities.next_budget_key();
-            budgets.add_root(budget, lead.daily_limit);
-            let agent = Agent {
-                spiffe_id: lead.spiffe_id.as_str().into(),
-                budget,
-                manifest: Arc::new(policy.catalogue.manifest(&lead.scopes)),
-            };
-            identities
-                .agents
-                .insert(parse_hash(&lead.key_sha256)?, Arc::new(agent));
+        for agent in registry.all().into_iter().filter(|a| a.is_live()) {
+            identities.insert(agent);
         }
         Ok(identities)
     }
 
-    /// A fresh key for a new node in the budget tree.
-    pub fn next_budget_key(&self) -> AgentKey {
-        self.next_key.fetch_add(1, Ordering::Relaxed)
+    /// Lets `agent` authenticate with its key.
+    pub fn insert(&self, agent: Arc<Agent>) {
+        self.agents.insert(agent.key_hash, agent);
+    }
+
+    /// Revokes `agent`'s key: its next request, on any connection, is refused.
+    pub fn revoke(&self, agent: &Agent) {
+        self.agents.remove(&agent.key_hash);
     }
 
     /// The caller behind a request's `Authorization: Bearer` key.
@@ -82,6 +61,12 @@ impl Identities {
         let hash: KeyHash = Sha256::digest(key).into();
 
         if let Some(agent) = self.agents.get(&hash) {
+            // An agent past its lifetime is refused even before the sweeper ends it.
+            if agent.expires_at.is_some_and(|at| at <= SystemTime::now()) {
+                return Err(ApiError::AgentEnded {
+                    agent: agent.spiffe_id.to_string(),
+                });
+            }
             return Ok(Caller::Agent(Arc::clone(agent.value())));
         }
         if hash == self.operator {
@@ -114,7 +99,7 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer ") && !key.is_empty()).then_some(key)
 }
 
-fn parse_hash(hex_digest: &str) -> Result<KeyHash, ConfigError> {
+pub(crate) fn parse_hash(hex_digest: &str) -> Result<KeyHash, ConfigError> {
     let mut hash = [0u8; 32];
     hex::decode_to_slice(hex_digest, &mut hash)
         .map_err(|e| ConfigError::Invalid(format!("key hash {hex_digest}: {e}")))?;

@@ -9,6 +9,8 @@
 //! - [`server`]: the listener, the routes and graceful shutdown; owns the shared state.
 //! - [`identity`]: the bearer key names the calling agent.
 //! - [`policy`]: the operator's leads, scope catalogue and delegation rules.
+//! - [`agents`]: the registry of leads and sub-agents; spawning and ending them.
+//! - [`decisions`]: every delegation decision, recorded before it is acknowledged.
 //! - [`proxy`]: the request path as phases: read, inspect, admit, rewrite, forward,
 //!   relay (with [`proxy::sse`] framing the stream), settle.
 //! - [`budget`]: every agent's limit, reservations before forwarding, settlement after.
@@ -19,8 +21,10 @@
 //! - [`error`]: the one mapping from every error to an OpenAI-shaped response.
 //! - [`config`]: `warden.toml` and the price table, read once at startup.
 
+pub mod agents;
 pub mod budget;
 pub mod config;
+pub mod decisions;
 pub mod error;
 pub mod identity;
 pub mod metering;

@@ -237,7 +237,7 @@ fn reserve(
     let at_most = |tokens: u64| prompt + Amount(tokens.saturating_mul(output_price));
     let reservation = app
         .budgets
-        .reserve_up_to(agent.budget, at_most(floor), at_most(wanted))
+        .reserve_up_to(agent.key, at_most(floor), at_most(wanted))
         .map_err(|e| ApiError::from_budget(&agent.spiffe_id, e))?;
 
     let covered = match output_price {
@@ -330,7 +330,7 @@ fn respond(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
 }
 
 /// The read phase: the whole request body, or 413 past the limit.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),

@@ -14,7 +14,10 @@
 //! settles them like an abandoned stream. Only then is the usage log closed, so
 //! every request's record is committed before the process exits.
 
+mod control;
 mod routes;
+
+pub use control::unix_ms;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,9 +34,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::agents::Registry;
 use crate::budget::{Budgets, SystemClock};
 use crate::config::{Config, ConfigError};
+use crate::decisions::DecisionLog;
 use crate::identity::Identities;
+use crate::policy::Policy;
 use crate::proxy::Routes;
 use crate::store::{Store, StoreError, UsageLog, UsageSink};
 use crate::telemetry::Metrics;
@@ -59,6 +65,9 @@ pub enum StartError {
 /// State shared by every request.
 pub struct App {
     pub identities: Identities,
+    pub decisions: DecisionLog,
+    pub registry: Registry,
+    pub policy: Policy,
     pub budgets: Arc<Budgets>,
     /// Below this many output tokens a request that does not fit is refused, not clamped.
     pub min_output_tokens: u64,
@@ -124,8 +133,12 @@ impl Server {
         };
 
         let budgets = Budgets::new(Arc::new(SystemClock));
+        let registry = Registry::new(&config.policy, &budgets)?;
         let app = App {
-            identities: Identities::new(&config.operator.key_sha256, &config.policy, &budgets)?,
+            identities: Identities::new(&config.operator.key_sha256, &registry)?,
+            decisions: DecisionLog::open(&store)?,
+            registry,
+            policy: config.policy.clone(),
             budgets,
             min_output_tokens: config.policy.min_output_tokens,
             routes: Routes::new(&config, workers)?,
@@ -172,7 +185,12 @@ impl Server {
             .enable_all()
             .build()
             .map_err(StartError::Thread)?;
-        signals.block_on(shutdown);
+        signals.block_on(async {
+            tokio::select! {
+                () = shutdown => {}
+                () = expire_agents(&self.app) => {}
+            }
+        });
         self.app.draining.store(true, Ordering::Relaxed);
         let _ = stop.send(true);
 
@@ -184,6 +202,15 @@ impl Server {
         self.usage_log.close();
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Ends agents whose lifetime has run out, once a second, until shutdown.
+async fn expire_agents(app: &App) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticks.tick().await;
+        control::expire(app).await;
     }
 }
 

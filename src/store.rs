@@ -48,6 +48,14 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_by_agent ON usage (agent, started_at_ms);
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at_ms);
+CREATE TABLE IF NOT EXISTS decisions (
+    seq     INTEGER PRIMARY KEY,
+    at_ms   INTEGER NOT NULL,
+    kind    TEXT    NOT NULL,
+    actor   TEXT    NOT NULL,
+    subject TEXT    NOT NULL,
+    details TEXT    NOT NULL
+);
 ";
 
 /// Why the store failed.
@@ -113,6 +121,11 @@ impl Store {
         let conn = store.connect()?;
         conn.execute_batch(SCHEMA)?;
         Ok(store)
+    }
+
+    /// A new connection to the database, for a component that writes its own table.
+    pub fn connection(&self) -> Result<Connection, StoreError> {
+        self.connect()
     }
 
     fn connect(&self) -> Result<Connection, StoreError> {

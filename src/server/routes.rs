@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use serde::{Deserialize, Serialize};
 
-use super::App;
+use super::{App, control};
 use crate::error::ApiError;
 use crate::identity::Caller;
 use crate::proxy::{self, Endpoint};
@@ -28,6 +28,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/v1/usage", get(usage))
+        .route("/v1/agents", post(control::create).get(control::list))
+        .route(
+            "/v1/agents/{id}",
+            get(control::get).delete(control::terminate),
+        )
+        .route("/v1/agents/{id}/budget", get(control::budget))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -20,6 +20,9 @@ pub const AGENT_ID: &str = "spiffe://e2e.test/agent/qa/lead";
 pub const LIMITED_KEY: &str = "e2e-agent-key-0002";
 pub const LIMITED_ID: &str = "spiffe://e2e.test/agent/qa/limited";
 pub const OPERATOR_KEY: &str = "e2e-operator-key";
+/// The lead of the case-study fleet.
+pub const CASE_LEAD_KEY: &str = "e2e-case-lead-key";
+pub const CASE_LEAD_ID: &str = "spiffe://e2e.test/agent/fintech/lead-quarterly-orchestrator";
 const MOCK_KEY: &str = "e2e-upstream-secret";
 /// Daily limits of the two leads, in USD.
 pub const AGENT_LIMIT: &str = "100.00";
@@ -243,6 +246,31 @@ models = ["*"]
 [scopes."models.small"]
 models = ["mock-small"]
 
+[scopes."market_data.read"]
+tools = ["get_quote"]
+
+[scopes."portfolio.read"]
+tools = ["get_positions"]
+
+[scopes."compliance_docs.read"]
+tools = ["search_compliance_docs"]
+
+[scopes."reports.write"]
+tools = ["write_report"]
+
+[[leads]]
+spiffe_id = "{CASE_LEAD_ID}"
+key_sha256 = "{case}"
+daily_limit = "2200.00"
+scopes = ["models.small", "market_data.read", "portfolio.read", "compliance_docs.read", "reports.write"]
+
+[leads.delegation]
+max_children = 40
+max_depth = 2
+max_slice = "120.00"
+allowed_scopes = ["models.small", "market_data.read", "compliance_docs.read", "reports.write"]
+max_lifetime = "72h"
+
 [[leads]]
 spiffe_id = "{AGENT_ID}"
 key_sha256 = "{agent}"
@@ -250,7 +278,7 @@ daily_limit = "{AGENT_LIMIT}"
 scopes = ["models.all", "models.small"]
 
 [leads.delegation]
-max_children = 40
+max_children = 2
 max_depth = 2
 max_slice = "{AGENT_LIMIT}"
 allowed_scopes = ["models.small"]
@@ -271,6 +299,7 @@ max_lifetime = "1h"
 "#,
         agent = sha256(AGENT_KEY),
         limited = sha256(LIMITED_KEY),
+        case = sha256(CASE_LEAD_KEY),
     );
     std::fs::write(dir.join("policy.toml"), policy).unwrap();
 

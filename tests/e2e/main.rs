@@ -3,6 +3,7 @@
 
 mod common;
 
+mod agents;
 mod budgets;
 mod chat;
 mod errors;

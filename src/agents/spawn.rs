@@ -1,0 +1,411 @@
+//! Spawning a sub-agent: the request, every check policy and the parent impose, and
+//! the few steps that create the child once all checks pass.
+//!
+//! The order matters: everything that can refuse runs before anything changes, and the
+//! one check that is also a change (carving the slice out of the parent's budget) runs
+//! last, under the registry's spawn lock, so a refused spawn leaves no trace and two
+//! concurrent spawns cannot both take the same room, name or child slot.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::sync::atomic::AtomicU8;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{Agent, Registry, TrustLevel, child_manifest, expiry};
+use crate::budget::{Amount, BudgetError, Budgets};
+use crate::error::ApiError;
+use crate::identity::Identities;
+use crate::policy::Policy;
+
+/// `POST /v1/agents`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    /// The parent: its id, SPIFFE ID or name.
+    pub parent: String,
+    pub name: String,
+    pub budget: BudgetRequest,
+    #[serde(default)]
+    pub permissions: PermissionsRequest,
+    #[serde(default)]
+    pub trust: TrustRequest,
+    #[serde(default)]
+    pub lifecycle: LifecycleRequest,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetRequest {
+    /// US dollars per day, as a decimal string.
+    pub daily_limit: serde_json::Value,
+    pub currency: Option<String>,
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionsRequest {
+    pub inherit_from: Option<String>,
+    /// The scopes the child gets; absent means every scope the parent may delegate.
+    pub restrict_to: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustRequest {
+    pub initial_level: Option<String>,
+    /// A count, or a string like `"3_clean_verdicts"`.
+    pub promote_after: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleRequest {
+    /// A duration like `"72h"`; absent means the policy's `max_lifetime`.
+    pub max_duration: Option<String>,
+    pub auto_terminate: Option<bool>,
+}
+
+/// A spawned agent and its bearer key, shown this once.
+pub struct Spawned {
+    pub agent: Arc<Agent>,
+    pub api_key: String,
+}
+
+/// What a spawn request asks for, once parsed.
+struct Terms {
+    slice: Amount,
+    scopes: BTreeSet<String>,
+    promote_after: u32,
+    lifetime: Duration,
+}
+
+const DEFAULT_PROMOTE_AFTER: u32 = 3;
+
+fn spawn_lock() -> &'static Mutex<()> {
+    static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| Mutex::new(()))
+}
+
+/// Spawns a child of `request.parent` on behalf of `caller` (`None`: the operator).
+pub fn spawn(
+    request: SpawnRequest,
+    caller: Option<&Agent>,
+    registry: &Registry,
+    identities: &Identities,
+    budgets: &Budgets,
+    policy: &Policy,
+) -> Result<Spawned, ApiError> {
+    let parent = registry
+        .find(&request.parent)
+        .ok_or_else(|| ApiError::AgentNotFound(request.parent.clone()))?;
+    if let Some(caller) = caller
+        && caller.key != parent.key
+    {
+        return Err(ApiError::NotYourAgent {
+            caller: caller.spiffe_id.to_string(),
+            target: parent.spiffe_id.to_string(),
+        });
+    }
+    check_name(&request.name)?;
+    let terms = terms(&request, &parent, registry)?;
+
+    let _guard = spawn_lock().lock().unwrap_or_else(|p| p.into_inner());
+    check_parent(&parent, registry)?;
+    let spiffe_id = format!(
+        "spiffe://{}/agent/{}/{}",
+        policy.trust_domain,
+        parent.tenant(),
+        request.name
+    );
+    if registry.live_ids.contains_key(spiffe_id.as_str()) {
+        return Err(ApiError::NameTaken { spiffe_id });
+    }
+
+    let key = registry.next_key();
+    budgets
+        .delegate(parent.key, key, terms.slice)
+        .map_err(|e| slice_refused(&parent, e))?;
+
+    // Nothing below can fail: the child now exists.
+    let api_key = new_key();
+    let now = SystemTime::now();
+    let agent = Arc::new(Agent {
+        key,
+        id: format!("agt_{:016x}", random_u64()),
+        name: request.name,
+        spiffe_id: spiffe_id.into(),
+        parent: Some(parent.key),
+        lead: parent.lead,
+        depth: parent.depth + 1,
+        manifest: Arc::new(child_manifest(policy, &terms.scopes)),
+        limit: terms.slice,
+        promote_after: terms.promote_after,
+        created_at: now,
+        expires_at: Some(expiry(now, terms.lifetime, &parent)),
+        key_hash: Sha256::digest(api_key.as_bytes()).into(),
+        trust: AtomicU8::new(TrustLevel::Watched as u8),
+        ended: Mutex::new(None),
+    });
+    registry.insert(Arc::clone(&agent));
+    identities.insert(Arc::clone(&agent));
+    tracing::info!(
+        agent.id = %agent.spiffe_id, parent = %parent.spiffe_id,
+        slice_usd = %terms.slice.to_usd(), scopes = ?terms.scopes, "agent spawned"
+    );
+    Ok(Spawned { agent, api_key })
+}
+
+/// Parses the request and checks it against the parent and its lead's delegation.
+fn terms(request: &SpawnRequest, parent: &Agent, registry: &Registry) -> Result<Terms, ApiError> {
+    let rules = registry.delegation(parent.lead).ok_or_else(|| {
+        ApiError::Internal(format!("no delegation rules for {}", parent.spiffe_id))
+    })?;
+
+    let slice = slice(&request.budget)?;
+    if slice > rules.max_slice {
+        return Err(ApiError::DelegationDenied(format!(
+            "a slice of {slice} is above the {} that policy allows per child",
+            rules.max_slice
+        )));
+    }
+    if parent.depth + 1 > rules.max_depth {
+        return Err(ApiError::DelegationDenied(format!(
+            "a child of {} would be at depth {}; policy allows {}",
+            parent.spiffe_id,
+            parent.depth + 1,
+            rules.max_depth
+        )));
+    }
+
+    let scopes = scopes(&request.permissions, parent, &rules.allowed_scopes)?;
+    let promote_after = trust(&request.trust)?;
+    let lifetime = lifetime(&request.lifecycle, rules.max_lifetime)?;
+    Ok(Terms {
+        slice,
+        scopes,
+        promote_after,
+        lifetime,
+    })
+}
+
+/// Checks that can change while a spawn waits for the lock: the parent still lives
+/// and still has a free child slot.
+fn check_parent(parent: &Agent, registry: &Registry) -> Result<(), ApiError> {
+    if !parent.is_live() {
+        return Err(ApiError::ParentUnavailable {
+            parent: parent.spiffe_id.to_string(),
+            state: "ended",
+        });
+    }
+    if parent.trust() == TrustLevel::Quarantined {
+        return Err(ApiError::ParentUnavailable {
+            parent: parent.spiffe_id.to_string(),
+            state: "quarantined",
+        });
+    }
+
+    let rules = registry.delegation(parent.lead).ok_or_else(|| {
+        ApiError::Internal(format!("no delegation rules for {}", parent.spiffe_id))
+    })?;
+    let live = registry
+        .children(parent.key)
+        .iter()
+        .filter(|c| c.is_live())
+        .count();
+    if live >= rules.max_children {
+        return Err(ApiError::DelegationDenied(format!(
+            "{} already has {live} live children; policy allows {}",
+            parent.spiffe_id, rules.max_children
+        )));
+    }
+    Ok(())
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let valid = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if valid {
+        return Ok(());
+    }
+    Err(ApiError::InvalidField {
+        field: "name",
+        reason: format!(
+            "{name:?} must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'"
+        ),
+    })
+}
+
+fn slice(budget: &BudgetRequest) -> Result<Amount, ApiError> {
+    let invalid = |reason: String| ApiError::InvalidField {
+        field: "budget.daily_limit",
+        reason,
+    };
+    if budget.currency.as_deref().is_some_and(|c| c != "USD") {
+        return Err(ApiError::InvalidField {
+            field: "budget.currency",
+            reason: "only USD is supported".into(),
+        });
+    }
+    if budget
+        .source
+        .as_deref()
+        .is_some_and(|s| s != "parent_slice")
+    {
+        return Err(ApiError::InvalidField {
+            field: "budget.source",
+            reason: "a child's budget is always a slice of its parent's: use \"parent_slice\""
+                .into(),
+        });
+    }
+
+    let serde_json::Value::String(text) = &budget.daily_limit else {
+        return Err(invalid(format!(
+            "{} must be a decimal string such as \"50.00\"",
+            budget.daily_limit
+        )));
+    };
+    let amount = Decimal::from_str(text)
+        .map_err(|_| invalid(format!("{text:?} is not a decimal amount")))?;
+    if amount <= Decimal::ZERO {
+        return Err(invalid(format!("{text} must be above zero")));
+    }
+    Amount::from_usd(amount).ok_or_else(|| {
+        invalid(format!(
+            "{text} is more precise than 10^-12 or above the 1000000 maximum"
+        ))
+    })
+}
+
+fn scopes(
+    permissions: &PermissionsRequest,
+    parent: &Agent,
+    delegable: &BTreeSet<String>,
+) -> Result<BTreeSet<String>, ApiError> {
+    if permissions
+        .inherit_from
+        .as_deref()
+        .is_some_and(|i| i != "parent")
+    {
+        return Err(ApiError::InvalidField {
+            field: "permissions.inherit_from",
+            reason: "a child inherits from its parent: use \"parent\"".into(),
+        });
+    }
+
+    let grantable: BTreeSet<String> = parent
+        .manifest
+        .scopes
+        .intersection(delegable)
+        .cloned()
+        .collect();
+    let Some(asked) = &permissions.restrict_to else {
+        return Ok(grantable);
+    };
+    for scope in asked {
+        if !parent.manifest.scopes.contains(scope) {
+            return Err(ApiError::ScopeNotGranted {
+                scope: scope.clone(),
+                why: format!("{} does not hold it", parent.spiffe_id),
+            });
+        }
+        if !delegable.contains(scope) {
+            return Err(ApiError::ScopeNotGranted {
+                scope: scope.clone(),
+                why: "policy does not allow delegating it".into(),
+            });
+        }
+    }
+    Ok(asked.iter().cloned().collect())
+}
+
+fn trust(trust: &TrustRequest) -> Result<u32, ApiError> {
+    if let Some(level) = &trust.initial_level {
+        match TrustLevel::parse(level) {
+            Some(TrustLevel::Watched) => {}
+            Some(_) => return Err(ApiError::TrustDenied(level.clone())),
+            None => {
+                return Err(ApiError::InvalidField {
+                    field: "trust.initial_level",
+                    reason: format!("{level:?} is not a trust level; a new agent starts WATCHED"),
+                });
+            }
+        }
+    }
+
+    let invalid = |value: &serde_json::Value| ApiError::InvalidField {
+        field: "trust.promote_after",
+        reason: format!("{value} must be a count such as 3 or \"3_clean_verdicts\""),
+    };
+    match &trust.promote_after {
+        None => Ok(DEFAULT_PROMOTE_AFTER),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| invalid(&trust.promote_after.clone().unwrap_or_default())),
+        Some(value @ serde_json::Value::String(text)) => text
+            .trim_end_matches("_clean_verdicts")
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| invalid(value)),
+        Some(other) => Err(invalid(other)),
+    }
+}
+
+fn lifetime(lifecycle: &LifecycleRequest, max: Duration) -> Result<Duration, ApiError> {
+    if lifecycle.auto_terminate == Some(false) {
+        return Err(ApiError::InvalidField {
+            field: "lifecycle.auto_terminate",
+            reason: "every sub-agent ends at its max_duration; policy allows no open-ended agents"
+                .into(),
+        });
+    }
+    let Some(text) = &lifecycle.max_duration else {
+        return Ok(max);
+    };
+
+    let duration = humantime::parse_duration(text).map_err(|e| ApiError::InvalidField {
+        field: "lifecycle.max_duration",
+        reason: format!("{text:?}: {e}; use a duration such as \"72h\""),
+    })?;
+    if duration.is_zero() {
+        return Err(ApiError::InvalidField {
+            field: "lifecycle.max_duration",
+            reason: "must be above zero".into(),
+        });
+    }
+    if duration > max {
+        return Err(ApiError::DelegationDenied(format!(
+            "a lifetime of {text} is above the {} that policy allows",
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(duration)
+}
+
+fn slice_refused(parent: &Agent, error: BudgetError) -> ApiError {
+    ApiError::from_budget(&parent.spiffe_id, error)
+}
+
+/// A new bearer key: 192 random bits, hex-encoded, with a recognisable prefix.
+fn new_key() -> String {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    format!("wdn_{}", hex::encode(bytes))
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    u64::from_le_bytes(bytes)
+}

@@ -1,0 +1,350 @@
+//! The control plane: spawning, reading and ending agents over JSON.
+//!
+//! An agent authenticates with its own key and may act on itself and its descendants;
+//! the operator key may act on every agent. Spawns and terminations are decisions:
+//! each is recorded through the decision log before it is acknowledged.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Json, Response};
+use http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::App;
+use crate::agents::{Agent, EndReason, SpawnRequest, spawn};
+use crate::budget::Amount;
+use crate::decisions::Decision;
+use crate::error::ApiError;
+use crate::identity::Caller;
+
+type AppState = State<Arc<App>>;
+
+/// An agent as the control plane shows it.
+#[derive(Serialize)]
+pub struct AgentView {
+    id: String,
+    name: String,
+    spiffe_id: String,
+    parent: Option<String>,
+    state: &'static str,
+    trust: TrustView,
+    budget: BudgetView,
+    manifest: ManifestView,
+    lifecycle: LifecycleView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evidence_id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TrustView {
+    level: &'static str,
+    promote_after: u32,
+}
+
+#[derive(Serialize)]
+pub struct BudgetView {
+    #[serde(with = "rust_decimal::serde::str")]
+    daily_limit: rust_decimal::Decimal,
+    currency: &'static str,
+    source: &'static str,
+    #[serde(with = "rust_decimal::serde::str")]
+    spent: rust_decimal::Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    reserved: rust_decimal::Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    delegated: rust_decimal::Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    available: rust_decimal::Decimal,
+}
+
+#[derive(Serialize)]
+struct ManifestView {
+    scopes: Vec<String>,
+    models: Vec<String>,
+    tools: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct LifecycleView {
+    created_at: String,
+    expires_at: Option<String>,
+    ended_at: Option<String>,
+    end_reason: Option<&'static str>,
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+fn usd(amount: Amount) -> rust_decimal::Decimal {
+    amount.to_usd().normalize()
+}
+
+impl AgentView {
+    fn of(app: &App, agent: &Agent) -> AgentView {
+        let budget = app.budgets.view(agent.key);
+        let ended = agent.ended();
+        let mut models: Vec<String> = agent.manifest.models.iter().cloned().collect();
+        if agent.manifest.all_models {
+            models.push("*".into());
+        }
+        models.sort();
+        let mut tools: Vec<String> = agent.manifest.tools.iter().cloned().collect();
+        tools.sort();
+
+        AgentView {
+            id: agent.id.clone(),
+            name: agent.name.clone(),
+            spiffe_id: agent.spiffe_id.to_string(),
+            parent: agent
+                .parent
+                .and_then(|p| app.registry.get(p))
+                .map(|p| p.id.clone()),
+            state: if ended.is_some() { "ended" } else { "live" },
+            trust: TrustView {
+                level: agent.trust().as_str(),
+                promote_after: agent.promote_after,
+            },
+            budget: budget_view(agent, budget),
+            manifest: ManifestView {
+                scopes: agent.manifest.scopes.iter().cloned().collect(),
+                models,
+                tools,
+            },
+            lifecycle: LifecycleView {
+                created_at: rfc3339(agent.created_at),
+                expires_at: agent.expires_at.map(rfc3339),
+                ended_at: ended.map(|(at, _)| rfc3339(at)),
+                end_reason: ended.map(|(_, reason)| reason.as_str()),
+            },
+            api_key: None,
+            evidence_id: None,
+        }
+    }
+}
+
+fn budget_view(agent: &Agent, view: Option<crate::budget::BudgetView>) -> BudgetView {
+    let view = view.unwrap_or(crate::budget::BudgetView {
+        limit: agent.limit,
+        spent: Amount::ZERO,
+        reserved: Amount::ZERO,
+        delegated: Amount::ZERO,
+        ended_children: Amount::ZERO,
+        available: Amount::ZERO,
+    });
+    BudgetView {
+        daily_limit: usd(view.limit),
+        currency: "USD",
+        source: if agent.parent.is_some() {
+            "parent_slice"
+        } else {
+            "policy"
+        },
+        spent: usd(view.spent + view.ended_children),
+        reserved: usd(view.reserved),
+        delegated: usd(view.delegated),
+        available: usd(if agent.is_live() {
+            view.available
+        } else {
+            Amount::ZERO
+        }),
+    }
+}
+
+/// The caller, and the agent it may act on (itself and its descendants).
+fn authorize(app: &App, headers: &HeaderMap, target: &Agent) -> Result<(), ApiError> {
+    match app.identities.authenticate(headers)? {
+        Caller::Operator => Ok(()),
+        Caller::Agent(caller) if app.registry.is_within(target, caller.key) => Ok(()),
+        Caller::Agent(caller) => Err(ApiError::NotYourAgent {
+            caller: caller.spiffe_id.to_string(),
+            target: target.spiffe_id.to_string(),
+        }),
+    }
+}
+
+fn find(app: &App, reference: &str) -> Result<Arc<Agent>, ApiError> {
+    app.registry
+        .find(reference)
+        .ok_or_else(|| ApiError::AgentNotFound(reference.to_owned()))
+}
+
+/// `POST /v1/agents`: spawns a sub-agent.
+pub async fn create(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = match app.identities.authenticate(&headers)? {
+        Caller::Operator => None,
+        Caller::Agent(agent) => Some(agent),
+    };
+    let body = crate::proxy::read_body(body, app.limits.max_body_bytes).await?;
+    let request: SpawnRequest = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_data() {
+            ApiError::InvalidField {
+                field: "body",
+                reason: e.to_string(),
+            }
+        } else {
+            ApiError::MalformedJson(e)
+        }
+    })?;
+
+    let actor = caller
+        .as_ref()
+        .map_or_else(|| "operator".to_owned(), |c| c.spiffe_id.to_string());
+    let spawned = spawn(
+        request,
+        caller.as_deref(),
+        &app.registry,
+        &app.identities,
+        &app.budgets,
+        &app.policy,
+    )?;
+
+    let decision = Decision::spawn(&actor, &app, &spawned.agent);
+    let evidence = app.decisions.record(decision).await?;
+    let mut view = AgentView::of(&app, &spawned.agent);
+    view.api_key = Some(spawned.api_key);
+    view.evidence_id = Some(evidence);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    parent: Option<String>,
+    state: Option<String>,
+    trust: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AgentList {
+    object: &'static str,
+    data: Vec<AgentView>,
+}
+
+/// `GET /v1/agents`: the agents the caller may see, filtered.
+pub async fn list(
+    State(app): AppState,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let scope = match app.identities.authenticate(&headers)? {
+        Caller::Operator => None,
+        Caller::Agent(agent) => Some(agent.key),
+    };
+    let parent = match &query.parent {
+        Some(reference) => Some(find(&app, reference)?.key),
+        None => None,
+    };
+
+    let data = app
+        .registry
+        .all()
+        .into_iter()
+        .filter(|a| scope.is_none_or(|root| app.registry.is_within(a, root)))
+        .filter(|a| parent.is_none_or(|p| a.parent == Some(p)))
+        .filter(|a| {
+            query
+                .state
+                .as_deref()
+                .is_none_or(|s| s == if a.is_live() { "live" } else { "ended" })
+        })
+        .filter(|a| {
+            query
+                .trust
+                .as_deref()
+                .is_none_or(|t| t == a.trust().as_str())
+        })
+        .map(|a| AgentView::of(&app, &a))
+        .collect();
+    Ok(Json(AgentList {
+        object: "list",
+        data,
+    })
+    .into_response())
+}
+
+/// `GET /v1/agents/{id}`.
+pub async fn get(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let agent = find(&app, &id)?;
+    authorize(&app, &headers, &agent)?;
+    Ok(Json(AgentView::of(&app, &agent)).into_response())
+}
+
+/// `GET /v1/agents/{id}/budget`.
+pub async fn budget(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let agent = find(&app, &id)?;
+    authorize(&app, &headers, &agent)?;
+    Ok(Json(budget_view(&agent, app.budgets.view(agent.key))).into_response())
+}
+
+/// `DELETE /v1/agents/{id}`: ends the agent and its descendants.
+pub async fn terminate(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let agent = find(&app, &id)?;
+    authorize(&app, &headers, &agent)?;
+    let actor = match app.identities.authenticate(&headers)? {
+        Caller::Operator => "operator".to_owned(),
+        Caller::Agent(caller) => caller.spiffe_id.to_string(),
+    };
+
+    let ended = app
+        .registry
+        .end(&agent, EndReason::Terminated, &app.budgets);
+    for agent in &ended {
+        app.identities.revoke(agent);
+    }
+    let mut evidence = Vec::with_capacity(ended.len());
+    for agent in &ended {
+        evidence.push(
+            app.decisions
+                .record(Decision::termination(&actor, agent))
+                .await?,
+        );
+    }
+
+    let view = AgentView::of(&app, &agent);
+    let ended: Vec<String> = ended.iter().map(|a| a.id.clone()).collect();
+    Ok(
+        Json(serde_json::json!({ "agent": view, "ended": ended, "evidence_ids": evidence }))
+            .into_response(),
+    )
+}
+
+/// Ends every agent whose lifetime has run out; called periodically.
+pub async fn expire(app: &App) {
+    let now = SystemTime::now();
+    for agent in app.registry.expired(now) {
+        for ended in app.registry.end(&agent, EndReason::Expired, &app.budgets) {
+            app.identities.revoke(&ended);
+            let decision = Decision::termination("warden", &ended);
+            if let Err(e) = app.decisions.record(decision).await {
+                tracing::error!(agent.id = %ended.spiffe_id, error = %e, "expiry not recorded");
+            }
+        }
+    }
+}
+
+/// Seconds since the epoch, for decision records.
+pub fn unix_ms(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,380 @@
+//! The control plane: a lead hires its fleet, every refusal leaves no trace, and
+//! ending an agent ends its descendants and revokes their keys.
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+/// A control-plane call as `key`; returns the status and the JSON body.
+async fn call(
+    h: &Harness,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, h.url(path))
+        .bearer_auth(key);
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn spawn_body(parent: &str, name: &str, slice: &str, scopes: &[&str], lifetime: &str) -> Value {
+    json!({
+        "parent": parent,
+        "name": name,
+        "budget": {"daily_limit": slice, "currency": "USD", "source": "parent_slice"},
+        "permissions": {"inherit_from": "parent", "restrict_to": scopes},
+        "trust": {"initial_level": "WATCHED", "promote_after": "3_clean_verdicts"},
+        "lifecycle": {"max_duration": lifetime, "auto_terminate": true}
+    })
+}
+
+async fn spawn(h: &Harness, key: &str, body: Value) -> (u16, Value) {
+    call(h, reqwest::Method::POST, "/v1/agents", key, Some(body)).await
+}
+
+async fn lead_budget(h: &Harness) -> Value {
+    let path = "/v1/agents/lead-quarterly-orchestrator/budget";
+    call(h, reqwest::Method::GET, path, CASE_LEAD_KEY, None)
+        .await
+        .1
+}
+
+/// The case-study quarter: 15 data fetchers, 8 reconcilers, 5 report generators and 3
+/// audit validators with their slices and lifetimes; one more spawn that does not fit
+/// is refused with the amount still available in the message.
+#[tokio::test]
+async fn lead_hires_the_quarterly_fleet() {
+    let h = Harness::start().await;
+    let roles = [
+        (
+            "data-fetcher",
+            15,
+            "50.00",
+            "72h",
+            vec!["market_data.read", "models.small"],
+        ),
+        (
+            "reconciler",
+            8,
+            "80.00",
+            "72h",
+            vec!["market_data.read", "models.small"],
+        ),
+        (
+            "report-generator",
+            5,
+            "120.00",
+            "48h",
+            vec!["reports.write", "models.small"],
+        ),
+        (
+            "audit-validator",
+            3,
+            "60.00",
+            "24h",
+            vec!["compliance_docs.read", "models.small"],
+        ),
+    ];
+
+    let mut first_key = None;
+    for (role, count, slice, lifetime, scopes) in &roles {
+        for n in 1..=*count {
+            let name = format!("{role}-{n:02}");
+            let body = spawn_body(
+                "lead-quarterly-orchestrator",
+                &name,
+                slice,
+                scopes,
+                lifetime,
+            );
+            let (status, agent) = spawn(&h, CASE_LEAD_KEY, body).await;
+            assert_eq!(status, 201, "{name}: {agent}");
+            assert_eq!(
+                agent["spiffe_id"],
+                format!("spiffe://e2e.test/agent/fintech/{name}")
+            );
+            assert_eq!(agent["trust"]["level"], "WATCHED");
+            assert_eq!(
+                agent["budget"]["daily_limit"],
+                *slice.trim_end_matches(".00")
+            );
+            assert!(agent["evidence_id"].as_str().unwrap().starts_with("dec_"));
+            assert!(agent["api_key"].as_str().unwrap().starts_with("wdn_"));
+            first_key.get_or_insert_with(|| agent["api_key"].as_str().unwrap().to_owned());
+        }
+    }
+
+    let budget = lead_budget(&h).await;
+    assert_eq!(budget["delegated"], "2170");
+    assert_eq!(budget["available"], "30");
+
+    let (status, refused) = spawn(
+        &h,
+        CASE_LEAD_KEY,
+        spawn_body(
+            "lead-quarterly-orchestrator",
+            "data-fetcher-16",
+            "50.00",
+            &["market_data.read"],
+            "72h",
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, error_of(&refused)),
+        (429, ("insufficient_quota", "budget_exceeded"))
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("$30 available"),
+        "{refused}"
+    );
+
+    // A new agent works at once with its own key, within its manifest.
+    let fetcher = first_key.unwrap();
+    let chat = json!({"model": "mock-small", "messages": [{"role": "user", "content": "quote"}]});
+    let response = reqwest::Client::new()
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&fetcher)
+        .body(chat.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let premium =
+        json!({"model": "mock-large", "messages": [{"role": "user", "content": "quote"}]});
+    let response = reqwest::Client::new()
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&fetcher)
+        .body(premium.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+
+    let (_, list) = call(
+        &h,
+        reqwest::Method::GET,
+        "/v1/agents?parent=lead-quarterly-orchestrator",
+        CASE_LEAD_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 31);
+}
+
+/// Every refusal answers with a clear error and changes nothing.
+#[tokio::test]
+async fn refused_spawns_change_nothing() {
+    let h = Harness::start().await;
+    let parent = "lead-quarterly-orchestrator";
+    let ok = |name: &str| spawn_body(parent, name, "10.00", &["market_data.read"], "24h");
+
+    let (status, child) = spawn(&h, CASE_LEAD_KEY, ok("fetcher")).await;
+    assert_eq!(status, 201);
+    let child_key = child["api_key"].as_str().unwrap().to_owned();
+    let before = lead_budget(&h).await;
+
+    let with = |mut body: Value, pointer: &str, value: Value| {
+        *body.pointer_mut(pointer).unwrap() = value;
+        body
+    };
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "scope the parent lacks",
+            with(
+                ok("a"),
+                "/permissions/restrict_to",
+                json!(["portfolio.write"]),
+            ),
+            403,
+            "scope_not_granted",
+        ),
+        (
+            "scope policy keeps",
+            with(
+                ok("b"),
+                "/permissions/restrict_to",
+                json!(["portfolio.read"]),
+            ),
+            403,
+            "scope_not_granted",
+        ),
+        (
+            "slice above policy",
+            with(ok("c"), "/budget/daily_limit", json!("500.00")),
+            403,
+            "delegation_denied",
+        ),
+        (
+            "TRUSTED requested",
+            with(ok("d"), "/trust/initial_level", json!("TRUSTED")),
+            403,
+            "trust_level_denied",
+        ),
+        (
+            "negative budget",
+            with(ok("e"), "/budget/daily_limit", json!("-5")),
+            400,
+            "invalid_value",
+        ),
+        (
+            "zero budget",
+            with(ok("f"), "/budget/daily_limit", json!("0")),
+            400,
+            "invalid_value",
+        ),
+        (
+            "non-numeric budget",
+            with(ok("g"), "/budget/daily_limit", json!("ten dollars")),
+            400,
+            "invalid_value",
+        ),
+        (
+            "number, not string",
+            with(ok("h"), "/budget/daily_limit", json!(10)),
+            400,
+            "invalid_value",
+        ),
+        (
+            "absurd budget",
+            with(ok("i"), "/budget/daily_limit", json!("1e30")),
+            400,
+            "invalid_value",
+        ),
+        (
+            "malformed duration",
+            with(ok("j"), "/lifecycle/max_duration", json!("three days")),
+            400,
+            "invalid_value",
+        ),
+        (
+            "lifetime above policy",
+            with(ok("k"), "/lifecycle/max_duration", json!("100h")),
+            403,
+            "delegation_denied",
+        ),
+        ("name collision", ok("fetcher"), 409, "name_taken"),
+        ("bad name", ok("Fetcher 2"), 400, "invalid_value"),
+        (
+            "unknown parent",
+            with(ok("l"), "/parent", json!("nobody")),
+            404,
+            "agent_not_found",
+        ),
+    ];
+    for (what, body, status, code) in cases {
+        let (got, error) = spawn(&h, CASE_LEAD_KEY, body).await;
+        assert_eq!((got, error_of(&error).1), (status, code), "{what}: {error}");
+        assert!(!error["error"]["message"].as_str().unwrap().is_empty());
+    }
+
+    // An agent may spawn only under itself.
+    let (status, error) = spawn(&h, &child_key, ok("m")).await;
+    assert_eq!((status, error_of(&error).1), (403, "not_a_descendant"));
+
+    // Depth: the child (depth 1) may spawn; its child (depth 2) may not go deeper.
+    let (status, grandchild) = spawn(
+        &h,
+        &child_key,
+        spawn_body("fetcher", "sub", "1.00", &["market_data.read"], "1h"),
+    )
+    .await;
+    assert_eq!(status, 201, "{grandchild}");
+    let grandchild_key = grandchild["api_key"].as_str().unwrap();
+    let (status, error) = spawn(
+        &h,
+        grandchild_key,
+        spawn_body("sub", "subsub", "0.10", &["market_data.read"], "1h"),
+    )
+    .await;
+    assert_eq!((status, error_of(&error).1), (403, "delegation_denied"));
+
+    assert_eq!(
+        lead_budget(&h).await,
+        before,
+        "refusals changed the lead's budget"
+    );
+    let (_, all) = call(&h, reqwest::Method::GET, "/v1/agents", OPERATOR_KEY, None).await;
+    assert_eq!(
+        all["data"].as_array().unwrap().len(),
+        3 + 2,
+        "three leads, a child, a grandchild"
+    );
+}
+
+/// The number of children is capped by policy.
+#[tokio::test]
+async fn child_count_is_capped() {
+    let h = Harness::start().await;
+    let body = |name: &str| spawn_body("lead", name, "1.00", &["models.small"], "1h");
+    assert_eq!(spawn(&h, AGENT_KEY, body("one")).await.0, 201);
+    assert_eq!(spawn(&h, AGENT_KEY, body("two")).await.0, 201);
+    let (status, error) = spawn(&h, AGENT_KEY, body("three")).await;
+    assert_eq!((status, error_of(&error).1), (403, "delegation_denied"));
+}
+
+/// Ending an agent ends its descendants, revokes their keys at once, and returns the
+/// unspent slices to the parent.
+#[tokio::test]
+async fn termination_cascades_and_revokes() {
+    let h = Harness::start().await;
+    let (_, child) = spawn(
+        &h,
+        CASE_LEAD_KEY,
+        spawn_body(
+            "lead-quarterly-orchestrator",
+            "worker",
+            "100.00",
+            &["models.small"],
+            "24h",
+        ),
+    )
+    .await;
+    let child_key = child["api_key"].as_str().unwrap().to_owned();
+    let (_, grandchild) = spawn(
+        &h,
+        &child_key,
+        spawn_body("worker", "helper", "20.00", &["models.small"], "1h"),
+    )
+    .await;
+    let grandchild_key = grandchild["api_key"].as_str().unwrap().to_owned();
+    assert_eq!(lead_budget(&h).await["available"], "2100");
+
+    // A stranger cannot end it; the lead can.
+    let path = format!("/v1/agents/{}", child["id"].as_str().unwrap());
+    let (status, _) = call(&h, reqwest::Method::DELETE, &path, AGENT_KEY, None).await;
+    assert_eq!(status, 403);
+    let (status, ended) = call(&h, reqwest::Method::DELETE, &path, CASE_LEAD_KEY, None).await;
+    assert_eq!(status, 200, "{ended}");
+    assert_eq!(ended["ended"].as_array().unwrap().len(), 2);
+    assert_eq!(ended["agent"]["state"], "ended");
+
+    for key in [&child_key, &grandchild_key] {
+        let chat = json!({"model": "mock-small", "messages": [{"role": "user", "content": "hi"}]});
+        let response = reqwest::Client::new()
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .body(chat.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "a revoked key is refused");
+    }
+    assert_eq!(lead_budget(&h).await["available"], "2200");
+}
