@@ -141,6 +141,19 @@ impl ApiError {
         }
     }
 
+    /// The refusal for a request body that did not parse: malformed JSON, or JSON of
+    /// the wrong shape.
+    pub fn from_json(error: serde_json::Error) -> ApiError {
+        if error.is_data() {
+            ApiError::InvalidField {
+                field: "body",
+                reason: error.to_string(),
+            }
+        } else {
+            ApiError::MalformedJson(error)
+        }
+    }
+
     /// The one mapping from error to status, OpenAI type and code, and fault.
     pub fn descriptor(&self) -> Descriptor {
         use ApiError::*;

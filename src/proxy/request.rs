@@ -57,16 +57,7 @@ struct StreamOptions {
 
 /// Reads the request body and checks the fields the endpoint requires.
 pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Result<Inspected<'_>, ApiError> {
-    let probe: Probe = serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            ApiError::InvalidField {
-                field: "body",
-                reason: e.to_string(),
-            }
-        } else {
-            ApiError::MalformedJson(e)
-        }
-    })?;
+    let probe: Probe = serde_json::from_slice(body).map_err(ApiError::from_json)?;
 
     let model = probe.model.ok_or(ApiError::MissingField("model"))?;
     match endpoint {

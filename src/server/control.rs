@@ -185,16 +185,7 @@ pub async fn create(
         Caller::Agent(agent) => Some(agent),
     };
     let body = crate::proxy::read_body(body, app.limits.max_body_bytes).await?;
-    let request: SpawnRequest = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_data() {
-            ApiError::InvalidField {
-                field: "body",
-                reason: e.to_string(),
-            }
-        } else {
-            ApiError::MalformedJson(e)
-        }
-    })?;
+    let request: SpawnRequest = serde_json::from_slice(&body).map_err(ApiError::from_json)?;
 
     let actor = caller
         .as_ref()
@@ -306,20 +297,7 @@ pub async fn terminate(
         Caller::Agent(caller) => caller.spiffe_id.to_string(),
     };
 
-    let ended = app
-        .registry
-        .end(&agent, EndReason::Terminated, &app.budgets);
-    for agent in &ended {
-        app.identities.revoke(agent);
-    }
-    let mut evidence = Vec::with_capacity(ended.len());
-    for agent in &ended {
-        evidence.push(
-            app.decisions
-                .record(Decision::termination(&actor, agent))
-                .await?,
-        );
-    }
+    let (ended, evidence) = end(&app, &agent, EndReason::Terminated, &actor).await?;
 
     let view = AgentView::of(&app, &agent);
     let ended: Vec<String> = ended.iter().map(|a| a.id.clone()).collect();
@@ -329,16 +307,31 @@ pub async fn terminate(
     )
 }
 
+/// Ends `agent` and its descendants, revokes their keys and records each ending.
+async fn end(
+    app: &App,
+    agent: &Agent,
+    reason: EndReason,
+    actor: &str,
+) -> Result<(Vec<Arc<Agent>>, Vec<String>), ApiError> {
+    let ended = app.registry.end(agent, reason, &app.budgets);
+    let mut evidence = Vec::with_capacity(ended.len());
+    for agent in &ended {
+        app.identities.revoke(agent);
+        evidence.push(
+            app.decisions
+                .record(Decision::termination(actor, agent))
+                .await?,
+        );
+    }
+    Ok((ended, evidence))
+}
+
 /// Ends every agent whose lifetime has run out; called periodically.
 pub async fn expire(app: &App) {
-    let now = SystemTime::now();
-    for agent in app.registry.expired(now) {
-        for ended in app.registry.end(&agent, EndReason::Expired, &app.budgets) {
-            app.identities.revoke(&ended);
-            let decision = Decision::termination("warden", &ended);
-            if let Err(e) = app.decisions.record(decision).await {
-                tracing::error!(agent.id = %ended.spiffe_id, error = %e, "expiry not recorded");
-            }
+    for agent in app.registry.expired(SystemTime::now()) {
+        if let Err(e) = end(app, &agent, EndReason::Expired, "warden").await {
+            tracing::error!(agent.id = %agent.spiffe_id, error = %e, "expiry not recorded");
         }
     }
 }
