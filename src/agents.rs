@@ -12,14 +12,16 @@ mod spawn;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 
 use crate::budget::{AgentKey, Amount, Budgets};
 use crate::policy::{Delegation, Manifest, Policy};
+use crate::store::StoreError;
+use crate::store::control::{AgentRow, ControlStore};
 
-pub use spawn::{SpawnRequest, Spawned, spawn};
+pub use spawn::{Fleet, SpawnRequest, Spawned, spawn};
 
 /// Trust levels, lowest first (see DESIGN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -112,6 +114,27 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent as stored.
+    pub fn row(&self) -> AgentRow {
+        AgentRow {
+            key: self.key,
+            id: self.id.clone(),
+            name: self.name.clone(),
+            spiffe_id: self.spiffe_id.to_string(),
+            parent: self.parent,
+            lead: self.lead,
+            depth: self.depth,
+            scopes: self.manifest.scopes.iter().cloned().collect(),
+            limit: self.limit,
+            promote_after: self.promote_after,
+            created_ms: crate::server::unix_ms(self.created_at),
+            expires_ms: self.expires_at.map(crate::server::unix_ms),
+            key_hash: hex::encode(self.key_hash),
+            ended_ms: self.ended().map(|(at, _)| crate::server::unix_ms(at)),
+            end_reason: self.ended().map(|(_, r)| r.as_str().to_owned()),
+        }
+    }
+
     pub fn trust(&self) -> TrustLevel {
         TrustLevel::from_u8(self.trust.load(Ordering::Relaxed))
     }
@@ -147,41 +170,121 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The registry with the policy's leads, each with its own budget.
-    pub fn new(policy: &Policy, budgets: &Budgets) -> Result<Registry, crate::config::ConfigError> {
+    /// The registry as it was before the last stop: the policy's leads (keeping their
+    /// keys from earlier runs) and every stored sub-agent, with their budgets, the
+    /// leases of the current window counted as spent, and ended agents ended again.
+    pub fn restore(
+        policy: &Policy,
+        budgets: &Budgets,
+        store: &ControlStore,
+    ) -> Result<Registry, RestoreError> {
+        let snapshot = store.load()?;
         let registry = Registry {
             agents: DashMap::new(),
             by_id: DashMap::new(),
             live_ids: DashMap::new(),
             children: DashMap::new(),
             delegation: DashMap::new(),
-            next_key: AtomicU64::new(1),
+            next_key: AtomicU64::new(snapshot.agents.iter().map(|a| a.key).max().unwrap_or(0) + 1),
         };
+
         for lead in &policy.leads {
-            let key = registry.next_key();
-            budgets.add_root(key, lead.daily_limit);
-            let name = lead.spiffe_id.rsplit('/').next().unwrap_or(&lead.spiffe_id);
-            let agent = Agent {
-                key,
-                id: format!("lead_{key:016x}"),
-                name: name.to_owned(),
-                spiffe_id: lead.spiffe_id.as_str().into(),
-                parent: None,
-                lead: key,
-                depth: 0,
-                manifest: Arc::new(policy.catalogue.manifest(&lead.scopes)),
-                limit: lead.daily_limit,
-                promote_after: 0,
-                created_at: SystemTime::now(),
-                expires_at: None,
-                key_hash: crate::identity::parse_hash(&lead.key_sha256)?,
-                trust: AtomicU8::new(TrustLevel::Trusted as u8),
-                ended: Mutex::new(None),
-            };
-            registry.delegation.insert(key, lead.delegation.clone());
-            registry.insert(Arc::new(agent));
+            registry.restore_lead(lead, policy, budgets, store)?;
+        }
+        for row in snapshot.agents.iter().filter(|r| r.parent.is_some()) {
+            registry.restore_child(row, policy, budgets);
+        }
+        for (&(agent, window), &leased) in &snapshot.leases {
+            budgets.restore_lease(agent, window, leased);
+        }
+        let mut ended: Vec<_> = registry
+            .all()
+            .into_iter()
+            .filter(|a| !a.is_live())
+            .collect();
+        ended.sort_by_key(|a| std::cmp::Reverse(a.depth));
+        for agent in ended {
+            budgets.end(agent.key);
         }
         Ok(registry)
+    }
+
+    fn restore_lead(
+        &self,
+        lead: &crate::policy::Lead,
+        policy: &Policy,
+        budgets: &Budgets,
+        store: &ControlStore,
+    ) -> Result<(), RestoreError> {
+        let stored = store.lead_key(&lead.spiffe_id)?;
+        let key = stored.unwrap_or_else(|| self.next_key());
+        budgets.add_root(key, lead.daily_limit);
+        let name = lead.spiffe_id.rsplit('/').next().unwrap_or(&lead.spiffe_id);
+        let agent = Agent {
+            key,
+            id: format!("lead_{key:016x}"),
+            name: name.to_owned(),
+            spiffe_id: lead.spiffe_id.as_str().into(),
+            parent: None,
+            lead: key,
+            depth: 0,
+            manifest: Arc::new(policy.catalogue.manifest(&lead.scopes)),
+            limit: lead.daily_limit,
+            promote_after: 0,
+            created_at: SystemTime::now(),
+            expires_at: None,
+            key_hash: crate::identity::parse_hash(&lead.key_sha256)?,
+            trust: AtomicU8::new(TrustLevel::Trusted as u8),
+            ended: Mutex::new(None),
+        };
+        if stored.is_none() {
+            store.insert_agent(&agent.row(), None)?;
+        }
+        self.delegation.insert(key, lead.delegation.clone());
+        self.insert(Arc::new(agent));
+        Ok(())
+    }
+
+    /// Re-creates a stored sub-agent under its parent. Its scopes are narrowed to what
+    /// the parent still holds, in case policy changed while Warden was down.
+    fn restore_child(&self, row: &AgentRow, policy: &Policy, budgets: &Budgets) {
+        let Some(parent) = row.parent.and_then(|p| self.get(p)) else {
+            tracing::warn!(agent.id = %row.spiffe_id, "stored agent has no parent any more; not restored");
+            return;
+        };
+        let Ok(key_hash) = crate::identity::parse_hash(&row.key_hash) else {
+            tracing::warn!(agent.id = %row.spiffe_id, "stored agent has an unreadable key hash; not restored");
+            return;
+        };
+        let scopes: BTreeSet<String> = row
+            .scopes
+            .iter()
+            .filter(|s| parent.manifest.scopes.contains(*s))
+            .cloned()
+            .collect();
+
+        budgets.restore_child(parent.key, row.key, row.limit);
+        let agent = Agent {
+            key: row.key,
+            id: row.id.clone(),
+            name: row.name.clone(),
+            spiffe_id: row.spiffe_id.as_str().into(),
+            parent: Some(parent.key),
+            lead: row.lead,
+            depth: row.depth,
+            manifest: Arc::new(child_manifest(policy, &scopes)),
+            limit: row.limit,
+            promote_after: row.promote_after,
+            created_at: from_ms(row.created_ms),
+            expires_at: row.expires_ms.map(from_ms),
+            key_hash,
+            trust: AtomicU8::new(TrustLevel::Watched as u8),
+            ended: Mutex::new(
+                row.ended_ms
+                    .map(|at| (from_ms(at), end_reason(row.end_reason.as_deref()))),
+            ),
+        };
+        self.insert(Arc::new(agent));
     }
 
     fn next_key(&self) -> AgentKey {
@@ -281,6 +384,27 @@ impl Registry {
             .filter(|a| a.is_live() && a.expires_at.is_some_and(|at| at <= now))
             .map(|a| Arc::clone(a.value()))
             .collect()
+    }
+}
+
+/// Why the registry could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+fn from_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn end_reason(text: Option<&str>) -> EndReason {
+    match text {
+        Some("expired") => EndReason::Expired,
+        Some("cascaded") => EndReason::Cascaded,
+        _ => EndReason::Terminated,
     }
 }
 

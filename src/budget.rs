@@ -20,6 +20,14 @@
 //! A request reserves its worst-case cost before it is forwarded and settles with its
 //! actual cost afterwards, releasing the rest. Windows are UTC days from an injectable
 //! [`Clock`]: at midnight spend resets, reservations and slices stay.
+//!
+//! Crash safety comes from leases. With a [`LeaseStore`], an agent may only have
+//! `spent + reserved` up to its lease, a ceiling written durably *before* it is used.
+//! After a crash every leased amount counts as spent, so a crash can waste at most one
+//! lease block of room, never let an agent spend past its limit. Leases are extended a
+//! block at a time ([`lease_block`]), in the background once half a block is left, so
+//! a request waits for the disk only when it outruns that (the first request of an
+//! agent's day, or a burst larger than a block).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -117,6 +125,21 @@ pub enum BudgetError {
     Ended(AgentKey),
     #[error("agent {0} has no budget")]
     Unknown(AgentKey),
+    /// The amount fits the limit but not the durable lease: extend the lease to
+    /// `ceiling`, then try again.
+    #[error("agent {agent} needs its lease extended to {ceiling}")]
+    LeaseNeeded { agent: AgentKey, ceiling: Amount },
+}
+
+/// Where leases are written. Writing must be durable before it returns.
+pub trait LeaseStore: Send + Sync {
+    /// Raises `agent`'s lease for `window` to at least `ceiling`.
+    fn persist(&self, agent: AgentKey, window: u64, ceiling: Amount) -> Result<(), String>;
+}
+
+/// How much a lease grows at a time: an eighth of the limit, at least a cent.
+pub fn lease_block(limit: Amount) -> Amount {
+    Amount((limit.0 / 8).max(PICOS / 100).min(limit.0))
 }
 
 /// What an agent's budget looks like right now.
@@ -146,6 +169,10 @@ struct Node {
     reserved: Amount,
     delegated: Amount,
     ended_children: Amount,
+    /// The durable ceiling of `spent + reserved` in this window.
+    leased: Amount,
+    /// A lease extension is being written.
+    extending: bool,
     window: u64,
     state: NodeState,
 }
@@ -165,6 +192,7 @@ impl Node {
             self.window = window;
             self.spent = Amount::ZERO;
             self.ended_children = Amount::ZERO;
+            self.leased = Amount::ZERO;
         }
     }
 
@@ -184,6 +212,8 @@ impl Node {
 pub struct Budgets {
     tree: Mutex<HashMap<AgentKey, Node>>,
     clock: Arc<dyn Clock>,
+    /// `None`: no leases (tests and benches); every amount within the limit is usable.
+    leases: Option<Arc<dyn LeaseStore>>,
 }
 
 /// Worst-case cost held against an agent's budget while its request is in flight.
@@ -197,11 +227,18 @@ pub struct Reservation {
     /// The least this reservation will settle for.
     floor: Amount,
     settled: bool,
+    /// Set when little lease is left: the holder should extend it in the background.
+    lease_hint: Option<Amount>,
 }
 
 impl Reservation {
     pub fn amount(&self) -> Amount {
         self.amount
+    }
+
+    /// The lease ceiling to extend to in the background, if the lease runs low.
+    pub fn lease_hint(&self) -> Option<(AgentKey, Amount)> {
+        self.lease_hint.map(|ceiling| (self.agent, ceiling))
     }
 
     /// Makes the eventual settlement count the whole reservation as spent, whatever
@@ -233,6 +270,16 @@ impl Budgets {
         Arc::new(Budgets {
             tree: Mutex::new(HashMap::new()),
             clock,
+            leases: None,
+        })
+    }
+
+    /// Budgets whose spending is covered by durable leases in `leases`.
+    pub fn with_leases(clock: Arc<dyn Clock>, leases: Arc<dyn LeaseStore>) -> Arc<Budgets> {
+        Arc::new(Budgets {
+            tree: Mutex::new(HashMap::new()),
+            clock,
+            leases: Some(leases),
         })
     }
 
@@ -323,6 +370,27 @@ impl Budgets {
             });
         }
         let amount = max.min(available);
+        let mut lease_hint = None;
+        if self.leases.is_some() {
+            let used = node.spent + node.reserved + amount;
+            let block = lease_block(node.limit);
+            let cap = node
+                .limit
+                .saturating_sub(node.delegated + node.ended_children);
+            if used > node.leased {
+                return Err(BudgetError::LeaseNeeded {
+                    agent,
+                    ceiling: (used + block).min(cap),
+                });
+            }
+            if node.leased.saturating_sub(used).0 < block.0 / 2
+                && !node.extending
+                && node.leased < cap
+            {
+                node.extending = true;
+                lease_hint = Some((node.leased + block).min(cap));
+            }
+        }
         node.reserved = node.reserved + amount;
         drop(tree);
 
@@ -332,6 +400,7 @@ impl Budgets {
             amount,
             floor: Amount::ZERO,
             settled: false,
+            lease_hint,
         })
     }
 
@@ -348,6 +417,50 @@ impl Budgets {
         if node.state != NodeState::Ended {
             node.spent = node.spent + actual;
         }
+    }
+
+    /// Durably raises `agent`'s lease to `ceiling` for the current window. Blocks on the
+    /// lease store: call it off the async threads.
+    pub fn extend_lease(&self, agent: AgentKey, ceiling: Amount) -> Result<(), String> {
+        let Some(leases) = &self.leases else {
+            return Ok(());
+        };
+        let window = window_of(self.clock.now());
+        let result = leases.persist(agent, window, ceiling);
+
+        let (mut tree, _) = self.lock();
+        if let Some(node) = tree.get_mut(&agent) {
+            node.extending = false;
+            if result.is_ok() && node.window == window && ceiling > node.leased {
+                node.leased = ceiling;
+            }
+        }
+        result
+    }
+
+    /// Restores an agent's state after a restart: everything its lease covered in the
+    /// current window counts as spent, since what happened to it is unknown.
+    pub fn restore_lease(&self, agent: AgentKey, window: u64, leased: Amount) {
+        let (mut tree, current) = self.lock();
+        if window != current {
+            return;
+        }
+        if let Some(node) = tree.get_mut(&agent) {
+            node.roll(current);
+            node.spent = node.spent.max(leased);
+            node.leased = node.leased.max(leased);
+        }
+    }
+
+    /// Re-creates a child's node after a restart without checking the parent's room:
+    /// the slice was granted before the crash and is still committed.
+    pub fn restore_child(&self, parent: AgentKey, child: AgentKey, slice: Amount) {
+        let (mut tree, window) = self.lock();
+        if let Some(node) = tree.get_mut(&parent) {
+            node.roll(window);
+            node.delegated = node.delegated + slice;
+        }
+        tree.insert(child, new_node(Some(parent), slice, window));
     }
 
     /// Ends `agent`: its unspent slice returns to its parent. Its descendants must have
@@ -399,6 +512,8 @@ fn new_node(parent: Option<AgentKey>, limit: Amount, window: u64) -> Node {
         reserved: Amount::ZERO,
         delegated: Amount::ZERO,
         ended_children: Amount::ZERO,
+        leased: Amount::ZERO,
+        extending: false,
         window,
         state: NodeState::Live,
     }

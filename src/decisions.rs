@@ -1,20 +1,18 @@
 //! Decisions: every delegation decision (spawn, termination, ...) as one record,
 //! written through one interface before the decision is acknowledged.
 //!
-//! Records go to the `decisions` table, in order, each with a sequence number that is
-//! its evidence id. The evidence ledger signs and chains these same records; callers
-//! only ever see [`DecisionLog::record`].
+//! Records go to the control store's `decisions` table, in order, each with a sequence
+//! number that is its evidence id, in the same transaction as the state change they
+//! describe. The evidence ledger signs and chains these same records.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use rusqlite::{Connection, params};
 use serde_json::json;
 
 use crate::agents::Agent;
-use crate::error::ApiError;
-use crate::server::App;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
+use crate::store::control::{AgentRow, ControlStore, DecisionRow};
 
 /// One decision, as recorded.
 #[derive(Debug, Clone)]
@@ -30,8 +28,7 @@ pub struct Decision {
 
 impl Decision {
     /// A child was spawned: what its parent granted.
-    pub fn spawn(actor: &str, app: &App, agent: &Agent) -> Decision {
-        let parent = agent.parent.and_then(|p| app.registry.get(p));
+    pub fn spawn(actor: &str, parent: &Agent, agent: &Agent) -> Decision {
         let mut models: Vec<&String> = agent.manifest.models.iter().collect();
         models.sort();
         let mut tools: Vec<&String> = agent.manifest.tools.iter().collect();
@@ -43,7 +40,7 @@ impl Decision {
             subject: agent.spiffe_id.to_string(),
             details: json!({
                 "agent_id": agent.id,
-                "parent": parent.map(|p| p.spiffe_id.to_string()),
+                "parent": parent.spiffe_id.to_string(),
                 "slice_usd": agent.limit.to_usd().normalize().to_string(),
                 "scopes": agent.manifest.scopes,
                 "models": models,
@@ -67,43 +64,54 @@ impl Decision {
             at: SystemTime::now(),
         }
     }
+
+    fn row(&self) -> DecisionRow {
+        DecisionRow {
+            at_ms: crate::server::unix_ms(self.at),
+            kind: self.kind,
+            actor: self.actor.clone(),
+            subject: self.subject.clone(),
+            details: self.details.to_string(),
+        }
+    }
 }
 
-/// The append-only log of decisions.
+/// The evidence id of a decision's record.
+fn evidence_id(seq: i64) -> String {
+    format!("dec_{seq:012}")
+}
+
+/// The one interface every decision goes through.
 #[derive(Clone)]
 pub struct DecisionLog {
-    conn: Arc<Mutex<Connection>>,
+    store: Arc<ControlStore>,
 }
 
 impl DecisionLog {
-    pub fn open(store: &Store) -> Result<DecisionLog, StoreError> {
-        Ok(DecisionLog {
-            conn: Arc::new(Mutex::new(store.connection()?)),
-        })
+    pub fn new(store: Arc<ControlStore>) -> DecisionLog {
+        DecisionLog { store }
     }
 
-    /// Appends `decision` durably and returns its evidence id.
-    pub async fn record(&self, decision: Decision) -> Result<String, ApiError> {
-        let conn = Arc::clone(&self.conn);
-        let seq = tokio::task::spawn_blocking(move || append(&conn, &decision))
-            .await
-            .map_err(|e| ApiError::Internal(format!("decision log: {e}")))?
-            .map_err(|e| ApiError::Internal(format!("decision log: {e}")))?;
-        Ok(format!("dec_{seq:012}"))
+    /// Stores a spawned agent and the decision that created it, together. Blocking.
+    pub fn spawned(&self, agent: &AgentRow, decision: &Decision) -> Result<String, StoreError> {
+        let seq = self.store.insert_agent(agent, Some(&decision.row()))?;
+        Ok(evidence_id(seq.unwrap_or_default()))
     }
-}
 
-fn append(conn: &Mutex<Connection>, decision: &Decision) -> Result<i64, StoreError> {
-    let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-    conn.execute(
-        "INSERT INTO decisions (at_ms, kind, actor, subject, details) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            crate::server::unix_ms(decision.at),
-            decision.kind,
-            decision.actor,
-            decision.subject,
-            decision.details.to_string(),
-        ],
-    )?;
-    Ok(conn.last_insert_rowid())
+    /// Stores that `agents` ended, with one decision each, together. Blocking.
+    pub fn ended(&self, actor: &str, agents: &[Arc<Agent>]) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<_> = agents
+            .iter()
+            .filter_map(|a| {
+                let (at, reason) = a.ended()?;
+                Some((a.key, crate::server::unix_ms(at), reason.as_str()))
+            })
+            .collect();
+        let decisions: Vec<_> = agents
+            .iter()
+            .map(|a| Decision::termination(actor, a).row())
+            .collect();
+        let seqs = self.store.end_agents(&rows, &decisions)?;
+        Ok(seqs.into_iter().map(evidence_id).collect())
+    }
 }

@@ -135,6 +135,9 @@ impl ApiError {
             },
             BudgetError::Frozen(_) => ApiError::BudgetFrozen { agent },
             BudgetError::Ended(_) => ApiError::AgentEnded { agent },
+            BudgetError::LeaseNeeded { .. } => {
+                ApiError::Internal(format!("{agent}: lease extension was not retried"))
+            }
             BudgetError::Unknown(key) => {
                 ApiError::Internal(format!("no budget node {key} for {agent}"))
             }

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use crate::budget::{Amount, Reservation};
+use crate::budget::{AgentKey, Amount, BudgetError, Reservation};
 use crate::config::{Config, Price};
 use crate::error::ApiError;
 use crate::identity::Agent;
@@ -186,7 +186,9 @@ async fn serve(
     let prompt_bound = body.len() as u64;
     let body = rewrite(endpoint, body.clone(), &inspected).map_err(refuse)?;
     let (reservation, output_cap) =
-        reserve(app, &agent, &route, endpoint, &inspected, prompt_bound).map_err(refuse)?;
+        reserve(app, &agent, &route, endpoint, &inspected, prompt_bound)
+            .await
+            .map_err(refuse)?;
     let body = if inspected.max_output.map(|(n, _)| n) == Some(output_cap) {
         body
     } else {
@@ -217,12 +219,12 @@ async fn serve(
 /// every allowed output token generated) against the agent's budget. A request that
 /// does not fit is clamped to the output tokens that do, down to the policy's floor;
 /// below that it is refused. Returns the reservation and the output tokens it covers.
-fn reserve(
+async fn reserve(
     app: &App,
     agent: &Agent,
     route: &Route,
     endpoint: Endpoint,
-    inspected: &request::Inspected,
+    inspected: &request::Inspected<'_>,
     prompt_bound: u64,
 ) -> Result<(Reservation, u64), ApiError> {
     let (input_price, output_price) = route.per_token;
@@ -235,16 +237,54 @@ fn reserve(
 
     let prompt = Amount(prompt_bound.saturating_mul(input_price));
     let at_most = |tokens: u64| prompt + Amount(tokens.saturating_mul(output_price));
-    let reservation = app
-        .budgets
-        .reserve_up_to(agent.key, at_most(floor), at_most(wanted))
-        .map_err(|e| ApiError::from_budget(&agent.spiffe_id, e))?;
+    let reservation = hold(app, agent, at_most(floor), at_most(wanted)).await?;
 
     let covered = match output_price {
         0 => wanted,
         price => ((reservation.amount().0 - prompt.0) / price).min(wanted),
     };
     Ok((reservation, covered))
+}
+
+/// Reserves between `min` and `max` against the agent's budget. When the durable
+/// lease does not cover it, the lease is extended first (the one case where a request
+/// waits on the disk); when the lease runs low, it is extended in the background.
+async fn hold(app: &App, agent: &Agent, min: Amount, max: Amount) -> Result<Reservation, ApiError> {
+    for _ in 0..3 {
+        match app.budgets.reserve_up_to(agent.key, min, max) {
+            Ok(reservation) => {
+                if let Some((key, ceiling)) = reservation.lease_hint() {
+                    extend_lease(app, key, ceiling);
+                }
+                return Ok(reservation);
+            }
+            Err(BudgetError::LeaseNeeded {
+                agent: key,
+                ceiling,
+            }) => {
+                let budgets = Arc::clone(&app.budgets);
+                tokio::task::spawn_blocking(move || budgets.extend_lease(key, ceiling))
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("lease: {e}")))?
+                    .map_err(|e| ApiError::Internal(format!("lease not stored: {e}")))?;
+            }
+            Err(e) => return Err(ApiError::from_budget(&agent.spiffe_id, e)),
+        }
+    }
+    Err(ApiError::Internal(format!(
+        "{}: the lease kept running out",
+        agent.spiffe_id
+    )))
+}
+
+/// Extends a lease off the request path; a failure only means the next request waits.
+fn extend_lease(app: &App, agent: AgentKey, ceiling: Amount) {
+    let budgets = Arc::clone(&app.budgets);
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = budgets.extend_lease(agent, ceiling) {
+            tracing::error!(agent = agent, error = %e, "lease extension not stored");
+        }
+    });
 }
 
 /// The admit phase: the model exists here and this agent may use it.

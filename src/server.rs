@@ -41,6 +41,7 @@ use crate::decisions::DecisionLog;
 use crate::identity::Identities;
 use crate::policy::Policy;
 use crate::proxy::Routes;
+use crate::store::control::ControlStore;
 use crate::store::{Store, StoreError, UsageLog, UsageSink};
 use crate::telemetry::Metrics;
 
@@ -51,6 +52,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("restoring agents: {0}")]
+    Restore(#[from] crate::agents::RestoreError),
     #[error("upstream: {0}")]
     Upstream(#[from] crate::proxy::UpstreamSetupError),
     #[error("cannot start a thread: {0}")]
@@ -132,11 +135,12 @@ impl Server {
             n => n,
         };
 
-        let budgets = Budgets::new(Arc::new(SystemClock));
-        let registry = Registry::new(&config.policy, &budgets)?;
+        let control = Arc::new(ControlStore::open(&store)?);
+        let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
+        let registry = Registry::restore(&config.policy, &budgets, &control)?;
         let app = App {
             identities: Identities::new(&config.operator.key_sha256, &registry)?,
-            decisions: DecisionLog::open(&store)?,
+            decisions: DecisionLog::new(control),
             registry,
             policy: config.policy.clone(),
             budgets,
@@ -206,7 +210,7 @@ impl Server {
 }
 
 /// Ends agents whose lifetime has run out, once a second, until shutdown.
-async fn expire_agents(app: &App) {
+async fn expire_agents(app: &Arc<App>) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     loop {
         ticks.tick().await;

@@ -14,6 +14,8 @@
 //! the writer writes. They first ask the writer to flush, so a record settled before
 //! the query is always in its answer.
 
+pub mod control;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -48,14 +50,6 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_by_agent ON usage (agent, started_at_ms);
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at_ms);
-CREATE TABLE IF NOT EXISTS decisions (
-    seq     INTEGER PRIMARY KEY,
-    at_ms   INTEGER NOT NULL,
-    kind    TEXT    NOT NULL,
-    actor   TEXT    NOT NULL,
-    subject TEXT    NOT NULL,
-    details TEXT    NOT NULL
-);
 ";
 
 /// Why the store failed.

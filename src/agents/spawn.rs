@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Agent, Registry, TrustLevel, child_manifest, expiry};
 use crate::budget::{Amount, BudgetError, Budgets};
+use crate::decisions::{Decision, DecisionLog};
 use crate::error::ApiError;
 use crate::identity::Identities;
 use crate::policy::Policy;
@@ -71,10 +72,20 @@ pub struct LifecycleRequest {
     pub auto_terminate: Option<bool>,
 }
 
-/// A spawned agent and its bearer key, shown this once.
+/// A spawned agent, its bearer key (shown this once) and its evidence id.
 pub struct Spawned {
     pub agent: Arc<Agent>,
     pub api_key: String,
+    pub evidence_id: String,
+}
+
+/// Where a spawn reads and writes: the registry, keys, budgets, policy, decisions.
+pub struct Fleet<'a> {
+    pub registry: &'a Registry,
+    pub identities: &'a Identities,
+    pub budgets: &'a Budgets,
+    pub policy: &'a Policy,
+    pub decisions: &'a DecisionLog,
 }
 
 /// What a spawn request asks for, once parsed.
@@ -93,14 +104,19 @@ fn spawn_lock() -> &'static Mutex<()> {
 }
 
 /// Spawns a child of `request.parent` on behalf of `caller` (`None`: the operator).
+/// Blocks on the control store: call it off the async threads.
 pub fn spawn(
     request: SpawnRequest,
     caller: Option<&Agent>,
-    registry: &Registry,
-    identities: &Identities,
-    budgets: &Budgets,
-    policy: &Policy,
+    fleet: Fleet<'_>,
 ) -> Result<Spawned, ApiError> {
+    let Fleet {
+        registry,
+        identities,
+        budgets,
+        policy,
+        decisions,
+    } = fleet;
     let parent = registry
         .find(&request.parent)
         .ok_or_else(|| ApiError::AgentNotFound(request.parent.clone()))?;
@@ -132,7 +148,6 @@ pub fn spawn(
         .delegate(parent.key, key, terms.slice)
         .map_err(|e| slice_refused(&parent, e))?;
 
-    // Nothing below can fail: the child now exists.
     let api_key = new_key();
     let now = SystemTime::now();
     let agent = Arc::new(Agent {
@@ -152,13 +167,26 @@ pub fn spawn(
         trust: AtomicU8::new(TrustLevel::Watched as u8),
         ended: Mutex::new(None),
     });
+
+    // Durable before it exists: a crash after this keeps the child, one before it
+    // never acknowledged it.
+    let actor = caller.map_or_else(|| "operator".to_owned(), |c| c.spiffe_id.to_string());
+    let decision = Decision::spawn(&actor, &parent, &agent);
+    let evidence_id = decisions.spawned(&agent.row(), &decision).map_err(|e| {
+        budgets.end(key);
+        ApiError::Internal(format!("spawn not stored: {e}"))
+    })?;
     registry.insert(Arc::clone(&agent));
     identities.insert(Arc::clone(&agent));
     tracing::info!(
         agent.id = %agent.spiffe_id, parent = %parent.spiffe_id,
         slice_usd = %terms.slice.to_usd(), scopes = ?terms.scopes, "agent spawned"
     );
-    Ok(Spawned { agent, api_key })
+    Ok(Spawned {
+        agent,
+        api_key,
+        evidence_id,
+    })
 }
 
 /// Parses the request and checks it against the parent and its lead's delegation.

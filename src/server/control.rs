@@ -14,9 +14,8 @@ use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::App;
-use crate::agents::{Agent, EndReason, SpawnRequest, spawn};
+use crate::agents::{Agent, EndReason, Fleet, SpawnRequest, spawn};
 use crate::budget::Amount;
-use crate::decisions::Decision;
 use crate::error::ApiError;
 use crate::identity::Caller;
 
@@ -187,23 +186,23 @@ pub async fn create(
     let body = crate::proxy::read_body(body, app.limits.max_body_bytes).await?;
     let request: SpawnRequest = serde_json::from_slice(&body).map_err(ApiError::from_json)?;
 
-    let actor = caller
-        .as_ref()
-        .map_or_else(|| "operator".to_owned(), |c| c.spiffe_id.to_string());
-    let spawned = spawn(
-        request,
-        caller.as_deref(),
-        &app.registry,
-        &app.identities,
-        &app.budgets,
-        &app.policy,
-    )?;
+    let worker = Arc::clone(&app);
+    let spawned = tokio::task::spawn_blocking(move || {
+        let fleet = Fleet {
+            registry: &worker.registry,
+            identities: &worker.identities,
+            budgets: &worker.budgets,
+            policy: &worker.policy,
+            decisions: &worker.decisions,
+        };
+        spawn(request, caller.as_deref(), fleet)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("spawn: {e}")))??;
 
-    let decision = Decision::spawn(&actor, &app, &spawned.agent);
-    let evidence = app.decisions.record(decision).await?;
     let mut view = AgentView::of(&app, &spawned.agent);
     view.api_key = Some(spawned.api_key);
-    view.evidence_id = Some(evidence);
+    view.evidence_id = Some(spawned.evidence_id);
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
@@ -309,26 +308,26 @@ pub async fn terminate(
 
 /// Ends `agent` and its descendants, revokes their keys and records each ending.
 async fn end(
-    app: &App,
+    app: &Arc<App>,
     agent: &Agent,
     reason: EndReason,
     actor: &str,
 ) -> Result<(Vec<Arc<Agent>>, Vec<String>), ApiError> {
     let ended = app.registry.end(agent, reason, &app.budgets);
-    let mut evidence = Vec::with_capacity(ended.len());
     for agent in &ended {
         app.identities.revoke(agent);
-        evidence.push(
-            app.decisions
-                .record(Decision::termination(actor, agent))
-                .await?,
-        );
     }
+
+    let (worker, actor, stored) = (Arc::clone(app), actor.to_owned(), ended.clone());
+    let evidence = tokio::task::spawn_blocking(move || worker.decisions.ended(&actor, &stored))
+        .await
+        .map_err(|e| ApiError::Internal(format!("termination: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("termination not stored: {e}")))?;
     Ok((ended, evidence))
 }
 
 /// Ends every agent whose lifetime has run out; called periodically.
-pub async fn expire(app: &App) {
+pub async fn expire(app: &Arc<App>) {
     for agent in app.registry.expired(SystemTime::now()) {
         if let Err(e) = end(app, &agent, EndReason::Expired, "warden").await {
             tracing::error!(agent.id = %agent.spiffe_id, error = %e, "expiry not recorded");

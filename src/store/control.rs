@@ -1,0 +1,257 @@
+//! The control store: agents, budget leases and decision records, written
+//! synchronously (these are the facts a crash must not lose) on one connection.
+//!
+//! Each write is one transaction, committed before the caller acknowledges anything:
+//! a spawn's agent row and its decision record together, a termination's rows and
+//! records together, a lease before the amount it covers is spent. WAL mode with
+//! `synchronous = NORMAL` makes a commit survive a killed process.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Store, StoreError};
+use crate::budget::{AgentKey, Amount, LeaseStore};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS agents (
+    key           INTEGER PRIMARY KEY,
+    id            TEXT    NOT NULL UNIQUE,
+    name          TEXT    NOT NULL,
+    spiffe_id     TEXT    NOT NULL,
+    parent        INTEGER,
+    lead          INTEGER NOT NULL,
+    depth         INTEGER NOT NULL,
+    scopes        TEXT    NOT NULL,
+    limit_picos   INTEGER NOT NULL,
+    promote_after INTEGER NOT NULL,
+    created_ms    INTEGER NOT NULL,
+    expires_ms    INTEGER,
+    key_hash      TEXT    NOT NULL,
+    ended_ms      INTEGER,
+    end_reason    TEXT
+);
+CREATE TABLE IF NOT EXISTS leases (
+    agent        INTEGER NOT NULL,
+    window       INTEGER NOT NULL,
+    leased_picos INTEGER NOT NULL,
+    PRIMARY KEY (agent, window)
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    seq     INTEGER PRIMARY KEY,
+    at_ms   INTEGER NOT NULL,
+    kind    TEXT    NOT NULL,
+    actor   TEXT    NOT NULL,
+    subject TEXT    NOT NULL,
+    details TEXT    NOT NULL
+);
+";
+
+/// One agent as stored.
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    pub key: AgentKey,
+    pub id: String,
+    pub name: String,
+    pub spiffe_id: String,
+    pub parent: Option<AgentKey>,
+    pub lead: AgentKey,
+    pub depth: u32,
+    pub scopes: Vec<String>,
+    pub limit: Amount,
+    pub promote_after: u32,
+    pub created_ms: i64,
+    pub expires_ms: Option<i64>,
+    pub key_hash: String,
+    pub ended_ms: Option<i64>,
+    pub end_reason: Option<String>,
+}
+
+/// One decision record, ready to append.
+#[derive(Debug, Clone)]
+pub struct DecisionRow {
+    pub at_ms: i64,
+    pub kind: &'static str,
+    pub actor: String,
+    pub subject: String,
+    pub details: String,
+}
+
+/// What survived the last run.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Every agent, leads included, in key order (parents before children).
+    pub agents: Vec<AgentRow>,
+    /// Each agent's lease in each stored window.
+    pub leases: HashMap<(AgentKey, u64), Amount>,
+}
+
+pub struct ControlStore {
+    conn: Mutex<Connection>,
+}
+
+impl ControlStore {
+    pub fn open(store: &Store) -> Result<ControlStore, StoreError> {
+        let conn = store.connection()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(ControlStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything stored, for the startup restore.
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT key, id, name, spiffe_id, parent, lead, depth, scopes, limit_picos,
+                    promote_after, created_ms, expires_ms, key_hash, ended_ms, end_reason
+             FROM agents ORDER BY key",
+        )?;
+        let agents = stmt
+            .query_map([], |row| {
+                let scopes: String = row.get(7)?;
+                Ok(AgentRow {
+                    key: row.get::<_, i64>(0)? as AgentKey,
+                    id: row.get(1)?,
+                    name: row.get(2)?,
+                    spiffe_id: row.get(3)?,
+                    parent: row.get::<_, Option<i64>>(4)?.map(|p| p as AgentKey),
+                    lead: row.get::<_, i64>(5)? as AgentKey,
+                    depth: row.get(6)?,
+                    scopes: serde_json::from_str(&scopes).unwrap_or_default(),
+                    limit: Amount(row.get::<_, i64>(8)? as u64),
+                    promote_after: row.get(9)?,
+                    created_ms: row.get(10)?,
+                    expires_ms: row.get(11)?,
+                    key_hash: row.get(12)?,
+                    ended_ms: row.get(13)?,
+                    end_reason: row.get(14)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut stmt = conn.prepare("SELECT agent, window, leased_picos FROM leases")?;
+        let leases = stmt
+            .query_map([], |row| {
+                let key = (
+                    row.get::<_, i64>(0)? as AgentKey,
+                    row.get::<_, i64>(1)? as u64,
+                );
+                Ok((key, Amount(row.get::<_, i64>(2)? as u64)))
+            })?
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        Ok(Snapshot { agents, leases })
+    }
+
+    /// The key a lead had in a previous run, if it had one.
+    pub fn lead_key(&self, spiffe_id: &str) -> Result<Option<AgentKey>, StoreError> {
+        let conn = self.lock();
+        let key = conn
+            .query_row(
+                "SELECT key FROM agents WHERE spiffe_id = ?1 AND parent IS NULL",
+                [spiffe_id],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?;
+        Ok(key.map(|k| k as AgentKey))
+    }
+
+    /// Stores a new agent (or a lead seen for the first time) with its decision, if any,
+    /// in one transaction; returns the decision's sequence number.
+    pub fn insert_agent(
+        &self,
+        agent: &AgentRow,
+        decision: Option<&DecisionRow>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO agents (key, id, name, spiffe_id, parent, lead, depth, scopes,
+                limit_picos, promote_after, created_ms, expires_ms, key_hash, ended_ms, end_reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                agent.key as i64,
+                agent.id,
+                agent.name,
+                agent.spiffe_id,
+                agent.parent.map(|p| p as i64),
+                agent.lead as i64,
+                agent.depth,
+                serde_json::to_string(&agent.scopes).unwrap_or_else(|_| "[]".into()),
+                agent.limit.0 as i64,
+                agent.promote_after,
+                agent.created_ms,
+                agent.expires_ms,
+                agent.key_hash,
+                agent.ended_ms,
+                agent.end_reason,
+            ],
+        )?;
+        let seq = decision.map(|d| append(&tx, d)).transpose()?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// Marks agents ended and appends their decisions, in one transaction.
+    pub fn end_agents(
+        &self,
+        ended: &[(AgentKey, i64, &str)],
+        decisions: &[DecisionRow],
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        for (key, at_ms, reason) in ended {
+            tx.execute(
+                "UPDATE agents SET ended_ms = ?2, end_reason = ?3 WHERE key = ?1",
+                params![*key as i64, at_ms, reason],
+            )?;
+        }
+        let seqs = decisions
+            .iter()
+            .map(|d| append(&tx, d))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(seqs)
+    }
+
+    /// Appends one decision record.
+    pub fn record(&self, decision: &DecisionRow) -> Result<i64, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let seq = append(&tx, decision)?;
+        tx.commit()?;
+        Ok(seq)
+    }
+}
+
+fn append(tx: &rusqlite::Transaction<'_>, decision: &DecisionRow) -> Result<i64, StoreError> {
+    tx.execute(
+        "INSERT INTO decisions (at_ms, kind, actor, subject, details) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            decision.at_ms,
+            decision.kind,
+            decision.actor,
+            decision.subject,
+            decision.details
+        ],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+impl LeaseStore for ControlStore {
+    fn persist(&self, agent: AgentKey, window: u64, ceiling: Amount) -> Result<(), String> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO leases (agent, window, leased_picos) VALUES (?1, ?2, ?3)
+             ON CONFLICT (agent, window) DO UPDATE SET leased_picos = max(leased_picos, excluded.leased_picos)",
+            params![agent as i64, window as i64, ceiling.0 as i64],
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+}
