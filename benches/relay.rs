@@ -17,8 +17,10 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use http::HeaderMap;
 use warden::agents::Registry;
-use warden::budget::{Budgets, SystemClock};
+use warden::budget::{Amount, Budgets, SystemClock};
 use warden::config::Config;
+use warden::store::Store;
+use warden::store::control::ControlStore;
 use warden::identity::Identities;
 use warden::metering::{StreamFormat, StreamMeter};
 use warden::proxy::sse::{self, Framer};
@@ -133,7 +135,10 @@ fn bench_admission(c: &mut Criterion) {
     // The embedded policy's demo lead.
     let key = "wdn-demo-agent-0001";
     let budgets = Budgets::new(Arc::new(SystemClock));
-    let registry = Registry::new(&config.policy, &budgets).unwrap();
+    let data = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
+    let store = Store::open(&data).unwrap();
+    let control = ControlStore::open(&store).unwrap();
+    let registry = Registry::restore(&config.policy, &budgets, &control).unwrap();
     let identities = Identities::new(&config.operator.key_sha256, &registry).unwrap();
     let routes = Routes::new(&config, 1).unwrap();
 
@@ -164,5 +169,23 @@ fn bench_admission(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_relay, bench_admission);
+/// The budget check of the request path: reserve the worst case (agent and ancestors
+/// in one step), then settle with the actual cost.
+fn bench_budget(c: &mut Criterion) {
+    let budgets = Budgets::new(Arc::new(SystemClock));
+    budgets.add_root(1, Amount(1_000_000_000_000_000));
+    budgets.delegate(1, 2, Amount(100_000_000_000_000)).unwrap();
+    budgets.delegate(2, 3, Amount(10_000_000_000_000)).unwrap();
+
+    c.bench_function("budget/reserve_settle_depth_2", |b| {
+        b.iter(|| {
+            let held = budgets
+                .reserve_up_to(3, Amount(1_000), black_box(Amount(10_000_000)))
+                .unwrap();
+            held.settle(Amount(1_000_000));
+        })
+    });
+}
+
+criterion_group!(benches, bench_relay, bench_admission, bench_budget);
 criterion_main!(benches);

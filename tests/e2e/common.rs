@@ -144,6 +144,21 @@ impl Harness {
         self.mock.truth_all()
     }
 
+    /// Kills Warden with SIGKILL: no drain, no flush.
+    pub fn crash(&mut self) {
+        let pid = self.warden.id().to_string();
+        let status = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+        assert!(status.success());
+        self.warden.wait().unwrap();
+    }
+
+    /// Starts Warden again on the same configuration and data (on a new port).
+    pub fn restart(&mut self) {
+        let (warden, addr) = spawn_warden(&self.dir);
+        self.warden = warden;
+        self.addr = addr;
+    }
+
     /// Sends SIGTERM and waits for the process to exit; returns its exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         let pid = self.warden.id().to_string();

@@ -7,6 +7,7 @@ mod agents;
 mod budgets;
 mod chat;
 mod errors;
+mod fleet;
 mod lifecycle;
 mod other_endpoints;
 mod replay;
