@@ -19,12 +19,12 @@ use http::HeaderMap;
 use warden::agents::Registry;
 use warden::budget::{Amount, Budgets, SystemClock};
 use warden::config::Config;
-use warden::store::Store;
-use warden::store::control::ControlStore;
 use warden::identity::Identities;
 use warden::metering::{StreamFormat, StreamMeter};
 use warden::proxy::sse::{self, Framer};
 use warden::proxy::{Endpoint, Routes, inspect, rewrite};
+use warden::store::Store;
+use warden::store::control::ControlStore;
 
 /// Counts heap allocations, to report how many the relay path makes per event.
 struct CountingAlloc;

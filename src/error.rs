@@ -65,6 +65,8 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("this agent may not use the model '{0}'")]
     ModelNotPermitted(String),
+    #[error("this agent may not use the tool '{0}'")]
+    ToolNotPermitted(String),
     #[error(
         "budget exceeded for {agent}: {needed} needed, {available} available of its {limit} daily limit"
     )]
@@ -178,6 +180,7 @@ impl ApiError {
             BodyRead(_) => (400, "invalid_request_error", "body_unreadable", Client),
             ModelNotFound(_) => (404, "invalid_request_error", "model_not_found", Client),
             ModelNotPermitted(_) => (403, "permission_error", "permission_denied", Client),
+            ToolNotPermitted(_) => (403, "permission_error", "permission_denied", Client),
             BudgetExceeded { .. } => (429, "insufficient_quota", "budget_exceeded", Client),
             BudgetFrozen { .. } => (403, "permission_error", "budget_frozen", Client),
             AgentEnded { .. } => (403, "permission_error", "agent_ended", Client),
@@ -225,6 +228,7 @@ impl ApiError {
         match self {
             ApiError::MissingField(field) | ApiError::InvalidField { field, .. } => Some(field),
             ApiError::ModelNotFound(_) | ApiError::ModelNotPermitted(_) => Some("model"),
+            ApiError::ToolNotPermitted(_) => Some("tools"),
             _ => None,
         }
     }

@@ -32,6 +32,18 @@ pub struct Policy {
     /// The fewest output tokens worth forwarding a request for: below this, a request
     /// that does not fit the budget is refused rather than clamped.
     pub min_output_tokens: u64,
+    /// What happens to a request's `tools` entry outside the agent's manifest.
+    pub unlisted_tools: UnlistedTools,
+}
+
+/// What to do with a requested tool the agent's manifest does not grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnlistedTools {
+    /// Refuse the request with 403 `permission_denied`.
+    Refuse,
+    /// Remove the entry and forward the rest of the request.
+    Strip,
 }
 
 /// A lead agent, created by the operator.
@@ -73,6 +85,8 @@ pub struct Manifest {
     /// Every model is allowed (a scope granted `"*"`).
     pub all_models: bool,
     pub models: HashSet<String>,
+    /// Every tool is allowed (a scope granted `"*"`).
+    pub all_tools: bool,
     pub tools: HashSet<String>,
 }
 
@@ -82,7 +96,7 @@ impl Manifest {
     }
 
     pub fn allows_tool(&self, tool: &str) -> bool {
-        self.tools.contains(tool)
+        self.all_tools || self.tools.contains(tool)
     }
 }
 
@@ -101,7 +115,13 @@ impl Catalogue {
                     manifest.models.insert(model.clone());
                 }
             }
-            manifest.tools.extend(grant.tools.iter().cloned());
+            for tool in &grant.tools {
+                if tool == "*" {
+                    manifest.all_tools = true;
+                } else {
+                    manifest.tools.insert(tool.clone());
+                }
+            }
         }
         manifest
     }
@@ -117,6 +137,8 @@ struct PolicyFile {
     trust_domain: String,
     #[serde(default = "default_min_output_tokens")]
     min_output_tokens: u64,
+    #[serde(default = "default_unlisted_tools")]
+    unlisted_tools: UnlistedTools,
     #[serde(default)]
     scopes: HashMap<String, ScopeFile>,
     #[serde(default)]
@@ -155,6 +177,10 @@ struct DelegationFile {
 
 fn default_min_output_tokens() -> u64 {
     16
+}
+
+fn default_unlisted_tools() -> UnlistedTools {
+    UnlistedTools::Refuse
 }
 
 impl Policy {
@@ -197,6 +223,7 @@ impl Policy {
             catalogue,
             leads,
             min_output_tokens: file.min_output_tokens,
+            unlisted_tools: file.unlisted_tools,
         })
     }
 }

@@ -32,10 +32,11 @@ use crate::config::{Config, Price};
 use crate::error::ApiError;
 use crate::identity::Agent;
 use crate::metering::{self, StreamFormat, StreamMeter};
+use crate::policy::UnlistedTools;
 use crate::server::App;
 
 pub use relay::Relay;
-pub use request::{inspect, limit_output, rewrite};
+pub use request::{inspect, limit_output, rewrite, strip_tools};
 pub use settle::{Admitted, Outcome, Settlement};
 pub use upstream::{Provider, UpstreamSetupError, set_worker};
 
@@ -181,10 +182,15 @@ async fn serve(
         .map_err(refuse)?;
     let inspected = inspect(endpoint, &body).map_err(refuse)?;
     let route = admit(app, &agent, &inspected.model).map_err(refuse)?;
+    let unlisted = unlisted_tools(app, &agent, &inspected).map_err(refuse)?;
     let stream = inspected.stream;
     let client_wants_usage = inspected.include_usage;
     let prompt_bound = body.len() as u64;
     let body = rewrite(endpoint, body.clone(), &inspected).map_err(refuse)?;
+    let body = match unlisted.is_empty() {
+        true => body,
+        false => strip_tools(body, &unlisted).map_err(refuse)?,
+    };
     let (reservation, output_cap) =
         reserve(app, &agent, &route, endpoint, &inspected, prompt_bound)
             .await
@@ -285,6 +291,27 @@ fn extend_lease(app: &App, agent: AgentKey, ceiling: Amount) {
             tracing::error!(agent = agent, error = %e, "lease extension not stored");
         }
     });
+}
+
+/// The tools the request offers that the agent's manifest does not grant: refused, or
+/// returned to be stripped, as policy says.
+fn unlisted_tools(
+    app: &App,
+    agent: &Agent,
+    inspected: &request::Inspected<'_>,
+) -> Result<Vec<String>, ApiError> {
+    let mut unlisted = Vec::new();
+    for tool in inspected
+        .tools
+        .iter()
+        .filter(|t| !agent.manifest.allows_tool(t))
+    {
+        match app.policy.unlisted_tools {
+            UnlistedTools::Refuse => return Err(ApiError::ToolNotPermitted(tool.to_string())),
+            UnlistedTools::Strip => unlisted.push(tool.to_string()),
+        }
+    }
+    Ok(unlisted)
 }
 
 /// The admit phase: the model exists here and this agent may use it.

@@ -25,6 +25,8 @@ pub struct Inspected<'a> {
     pub include_usage: bool,
     /// The most output tokens the client asked for, and the field it used.
     pub max_output: Option<(u64, &'static str)>,
+    /// The names of the tools the request offers the model.
+    pub tools: Vec<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -37,6 +39,8 @@ struct Probe<'a> {
     max_completion_tokens: Option<u64>,
     max_tokens: Option<u64>,
     max_output_tokens: Option<u64>,
+    #[serde(borrow, default)]
+    tools: Option<Vec<ToolProbe<'a>>>,
     /// Outer `Some` when the key is present, even as `null`.
     #[serde(default, deserialize_with = "present")]
     stream_options: Option<Option<StreamOptions>>,
@@ -48,6 +52,34 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
+}
+
+/// A `tools` entry: a function tool names itself (`function.name` on chat, `name` on
+/// Responses); a built-in tool is known by its `type` (`web_search`, ...).
+#[derive(Deserialize)]
+struct ToolProbe<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    function: Option<FunctionProbe<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionProbe<'a> {
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+}
+
+impl<'a> ToolProbe<'a> {
+    fn into_name(self) -> Cow<'a, str> {
+        self.function
+            .and_then(|f| f.name)
+            .or(self.name)
+            .or(self.kind)
+            .unwrap_or(Cow::Borrowed(""))
+    }
 }
 
 #[derive(Deserialize)]
@@ -88,6 +120,12 @@ pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Result<Inspected<'_>, ApiErro
         has_stream_options: probe.stream_options.is_some(),
         include_usage: include_usage.unwrap_or(false),
         max_output,
+        tools: probe
+            .tools
+            .unwrap_or_default()
+            .into_iter()
+            .map(ToolProbe::into_name)
+            .collect(),
     })
 }
 
@@ -147,6 +185,24 @@ pub fn limit_output(
     let mut value: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&body).map_err(ApiError::MalformedJson)?;
     value.insert(field.to_owned(), tokens.into());
+    let bytes = serde_json::to_vec(&value).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(bytes.into())
+}
+
+/// Removes the `tools` entries named in `refused`, and `tools` itself if none is left.
+pub fn strip_tools(body: Bytes, refused: &[String]) -> Result<Bytes, ApiError> {
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&body).map_err(ApiError::MalformedJson)?;
+    if let Some(serde_json::Value::Array(tools)) = value.get_mut("tools") {
+        tools.retain(|tool| {
+            let probe = ToolProbe::deserialize(tool).ok();
+            let name = probe.map(ToolProbe::into_name).unwrap_or_default();
+            !refused.iter().any(|r| *r == name)
+        });
+        if tools.is_empty() {
+            value.remove("tools");
+        }
+    }
     let bytes = serde_json::to_vec(&value).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(bytes.into())
 }
@@ -244,6 +300,19 @@ mod tests {
             &out[..],
             &br#"{"max_output_tokens":7,"model":"m","input":"hi"}"#[..]
         );
+    }
+
+    #[test]
+    fn tool_names_come_from_functions_or_types() {
+        let body = br#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"get_quote"}},{"type":"web_search"},{"type":"function","name":"write_report"}]}"#;
+        let inspected = inspect(Endpoint::Chat, body).unwrap();
+        assert_eq!(inspected.tools, ["get_quote", "web_search", "write_report"]);
+
+        let out = strip_tools(Bytes::from_static(body), &["web_search".into()]).unwrap();
+        let names = inspect(Endpoint::Chat, &out).unwrap().tools;
+        assert_eq!(names, ["get_quote", "write_report"]);
+        let out = strip_tools(out, &["get_quote".into(), "write_report".into()]).unwrap();
+        assert!(inspect(Endpoint::Chat, &out).unwrap().tools.is_empty());
     }
 
     #[test]

@@ -167,6 +167,33 @@ async fn lead_hires_the_quarterly_fleet() {
         .unwrap();
     assert_eq!(response.status(), 403);
 
+    // Tools too: the fetcher's manifest grants get_quote, not write_report.
+    for (tool, status) in [("get_quote", 200), ("write_report", 403)] {
+        let with_tool = json!({
+            "model": "mock-small",
+            "messages": [{"role": "user", "content": "quote"}],
+            "tools": [{"type": "function", "function": {"name": tool, "parameters": {}}}]
+        });
+        let response = reqwest::Client::new()
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(&fetcher)
+            .body(with_tool.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{tool}");
+        if status == 403 {
+            let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+            assert_eq!(body["error"]["param"], "tools");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("write_report")
+            );
+        }
+    }
+
     let (_, list) = call(
         &h,
         reqwest::Method::GET,

@@ -257,6 +257,7 @@ trust_domain = "e2e.test"
 
 [scopes."models.all"]
 models = ["*"]
+tools = ["*"]
 
 [scopes."models.small"]
 models = ["mock-small"]
