@@ -21,7 +21,7 @@ use crate::policy::{Delegation, Manifest, Policy};
 use crate::store::StoreError;
 use crate::store::control::{AgentRow, ControlStore};
 
-pub use spawn::{Fleet, SpawnRequest, Spawned, spawn};
+pub use spawn::{Fleet, SpawnRequest, Spawned, next_name, spawn};
 
 /// Trust levels, lowest first (see DESIGN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

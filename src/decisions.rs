@@ -53,6 +53,21 @@ impl Decision {
         }
     }
 
+    /// `new` replaces `old`: same role, manifest and slice, a new identity.
+    pub fn replacement(actor: &str, old: &Agent, new: &Agent) -> Decision {
+        Decision {
+            kind: "replacement",
+            actor: actor.to_owned(),
+            subject: new.spiffe_id.to_string(),
+            details: json!({
+                "agent_id": new.id,
+                "replaces": old.spiffe_id.to_string(),
+                "replaces_id": old.id,
+            }),
+            at: SystemTime::now(),
+        }
+    }
+
     /// An agent ended; its unspent slice returned to its parent.
     pub fn termination(actor: &str, agent: &Agent) -> Decision {
         let reason = agent.ended().map_or("terminated", |(_, r)| r.as_str());
@@ -96,6 +111,11 @@ impl DecisionLog {
     pub fn spawned(&self, agent: &AgentRow, decision: &Decision) -> Result<String, StoreError> {
         let seq = self.store.insert_agent(agent, Some(&decision.row()))?;
         Ok(evidence_id(seq.unwrap_or_default()))
+    }
+
+    /// Appends one decision on its own. Blocking.
+    pub fn record(&self, decision: &Decision) -> Result<String, StoreError> {
+        Ok(evidence_id(self.store.record(&decision.row())?))
     }
 
     /// Stores that `agents` ended, with one decision each, together. Blocking.

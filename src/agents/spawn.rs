@@ -189,6 +189,59 @@ pub fn spawn(
     })
 }
 
+impl SpawnRequest {
+    /// A request for a fresh agent with `old`'s role, manifest, slice and lifetime,
+    /// named `name`.
+    pub fn replacing(old: &Agent, parent: &Agent, name: String) -> SpawnRequest {
+        let lifetime = old
+            .expires_at
+            .and_then(|end| end.duration_since(old.created_at).ok())
+            .unwrap_or(Duration::from_secs(3600));
+        SpawnRequest {
+            parent: parent.id.clone(),
+            name,
+            budget: BudgetRequest {
+                daily_limit: serde_json::Value::String(old.limit.to_usd().normalize().to_string()),
+                currency: None,
+                source: None,
+            },
+            permissions: PermissionsRequest {
+                inherit_from: None,
+                restrict_to: Some(old.manifest.scopes.iter().cloned().collect()),
+            },
+            trust: TrustRequest {
+                initial_level: None,
+                promote_after: Some(old.promote_after.into()),
+            },
+            lifecycle: LifecycleRequest {
+                max_duration: Some(humantime::format_duration(lifetime).to_string()),
+                auto_terminate: None,
+            },
+        }
+    }
+}
+
+/// The next free name in `name`'s role: `data-fetcher-03` gives `data-fetcher-04`
+/// (or the first number after every agent of that role the registry has seen).
+pub fn next_name(name: &str, registry: &Registry) -> String {
+    let (role, width) = match name.rsplit_once('-') {
+        Some((role, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            (role, n.len())
+        }
+        _ => (name, 2),
+    };
+    let taken = registry
+        .all()
+        .into_iter()
+        .filter_map(|a| {
+            let (r, n) = a.name.rsplit_once('-')?;
+            (r == role).then(|| n.parse::<u64>().ok()).flatten()
+        })
+        .max()
+        .unwrap_or(0);
+    format!("{role}-{:0width$}", taken + 1)
+}
+
 /// Parses the request and checks it against the parent and its lead's delegation.
 fn terms(request: &SpawnRequest, parent: &Agent, registry: &Registry) -> Result<Terms, ApiError> {
     let rules = registry.delegation(parent.lead).ok_or_else(|| {

@@ -14,8 +14,10 @@ use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::App;
+use crate::agents::next_name;
 use crate::agents::{Agent, EndReason, Fleet, SpawnRequest, spawn};
 use crate::budget::Amount;
+use crate::decisions::Decision;
 use crate::error::ApiError;
 use crate::identity::Caller;
 
@@ -304,6 +306,75 @@ pub async fn terminate(
         Json(serde_json::json!({ "agent": view, "ended": ended, "evidence_ids": evidence }))
             .into_response(),
     )
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceRequest {
+    /// The replacement's name; default: the next number of the old agent's role.
+    name: Option<String>,
+}
+
+/// `POST /v1/agents/{id}/replace`: ends the agent (if it still lives) and spawns a
+/// fresh one with the same role, manifest and slice, and a new identity.
+pub async fn replace(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let old = find(&app, &id)?;
+    authorize(&app, &headers, &old)?;
+    let parent = old
+        .parent
+        .and_then(|p| app.registry.get(p))
+        .ok_or_else(|| {
+            ApiError::DelegationDenied(format!(
+                "{} is a lead: leads come from policy",
+                old.spiffe_id
+            ))
+        })?;
+    let actor = match app.identities.authenticate(&headers)? {
+        Caller::Operator => "operator".to_owned(),
+        Caller::Agent(caller) => caller.spiffe_id.to_string(),
+    };
+    let body = crate::proxy::read_body(body, app.limits.max_body_bytes).await?;
+    let asked: ReplaceRequest = match body.is_empty() {
+        true => ReplaceRequest::default(),
+        false => serde_json::from_slice(&body).map_err(ApiError::from_json)?,
+    };
+
+    if old.is_live() {
+        end(&app, &old, EndReason::Terminated, &actor).await?;
+    }
+    let name = asked
+        .name
+        .unwrap_or_else(|| next_name(&old.name, &app.registry));
+    let request = SpawnRequest::replacing(&old, &parent, name);
+    let worker = Arc::clone(&app);
+    let (spawned, evidence) = tokio::task::spawn_blocking(move || {
+        let fleet = Fleet {
+            registry: &worker.registry,
+            identities: &worker.identities,
+            budgets: &worker.budgets,
+            policy: &worker.policy,
+            decisions: &worker.decisions,
+        };
+        let spawned = spawn(request, Some(&parent), fleet)?;
+        let decision = Decision::replacement(&actor, &old, &spawned.agent);
+        let evidence = worker
+            .decisions
+            .record(&decision)
+            .map_err(|e| ApiError::Internal(format!("replacement not stored: {e}")))?;
+        Ok::<_, ApiError>((spawned, evidence))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("replace: {e}")))??;
+
+    let mut view = AgentView::of(&app, &spawned.agent);
+    view.api_key = Some(spawned.api_key);
+    view.evidence_id = Some(evidence);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
 /// Ends `agent` and its descendants, revokes their keys and records each ending.

@@ -34,6 +34,7 @@ pub fn router(app: Arc<App>) -> Router {
             get(control::get).delete(control::terminate),
         )
         .route("/v1/agents/{id}/budget", get(control::budget))
+        .route("/v1/agents/{id}/replace", post(control::replace))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -405,3 +405,53 @@ async fn termination_cascades_and_revokes() {
     }
     assert_eq!(lead_budget(&h).await["available"], "2200");
 }
+
+/// A replacement has the same role, manifest and slice, and a new identity; the old
+/// agent stays ended and its key stops working.
+#[tokio::test]
+async fn replacement_takes_over_the_role() {
+    let h = Harness::start().await;
+    let body = spawn_body(
+        "lead-quarterly-orchestrator",
+        "data-fetcher-03",
+        "50.00",
+        &["market_data.read", "models.small"],
+        "72h",
+    );
+    let (_, old) = spawn(&h, CASE_LEAD_KEY, body).await;
+    let before = lead_budget(&h).await;
+
+    let path = format!("/v1/agents/{}/replace", old["id"].as_str().unwrap());
+    let (status, new) = call(&h, reqwest::Method::POST, &path, CASE_LEAD_KEY, None).await;
+    assert_eq!(status, 201, "{new}");
+    assert_eq!(new["name"], "data-fetcher-04");
+    assert_eq!(
+        new["spiffe_id"],
+        "spiffe://e2e.test/agent/fintech/data-fetcher-04"
+    );
+    assert_eq!(new["manifest"]["scopes"], old["manifest"]["scopes"]);
+    assert_eq!(new["budget"]["daily_limit"], old["budget"]["daily_limit"]);
+    assert_eq!(new["trust"]["level"], "WATCHED");
+    assert!(new["evidence_id"].as_str().unwrap().starts_with("dec_"));
+    assert_ne!(new["api_key"], old["api_key"]);
+    assert_eq!(
+        lead_budget(&h).await,
+        before,
+        "the old slice came back and went to the new agent"
+    );
+
+    let old_path = format!("/v1/agents/{}", old["id"].as_str().unwrap());
+    let (_, old_now) = call(&h, reqwest::Method::GET, &old_path, OPERATOR_KEY, None).await;
+    assert_eq!(old_now["state"], "ended");
+    let chat = json!({"model": "mock-small", "messages": [{"role": "user", "content": "hi"}]});
+    for (key, status) in [(&old["api_key"], 401), (&new["api_key"], 200)] {
+        let response = reqwest::Client::new()
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(key.as_str().unwrap())
+            .body(chat.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+    }
+}
