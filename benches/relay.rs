@@ -159,7 +159,7 @@ fn bench_admission(c: &mut Criterion) {
                     let agent = identities.authenticate_agent(&headers).unwrap();
                     let inspected = inspect(Endpoint::Chat, &body).unwrap();
                     let route = routes.get(&inspected.model).unwrap();
-                    assert!(agent.manifest.allows_model(&route.model));
+                    assert!(agent.manifest().allows_model(&route.model));
                     black_box(rewrite(Endpoint::Chat, body.clone(), &inspected).unwrap())
                 },
                 BatchSize::SmallInput,

@@ -11,7 +11,7 @@ mod spawn;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -98,8 +98,10 @@ pub struct Agent {
     pub lead: AgentKey,
     /// 0 for a lead, 1 for its children, ...
     pub depth: u32,
-    /// What the agent may use.
-    pub manifest: Arc<Manifest>,
+    /// The scopes granted at creation. The manifest in force is these, narrowed to what
+    /// the parent holds under the current policy.
+    pub granted: BTreeSet<String>,
+    manifest: RwLock<Arc<Manifest>>,
     /// The agent's daily limit: the slice it was given, or a lead's own limit.
     pub limit: Amount,
     /// Clean verdicts in a row before WATCHED becomes ACTIVE.
@@ -114,6 +116,15 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// What the agent may use now.
+    pub fn manifest(&self) -> Arc<Manifest> {
+        Arc::clone(&self.manifest.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn set_manifest(&self, manifest: Manifest) {
+        *self.manifest.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(manifest);
+    }
+
     /// The agent as stored.
     pub fn row(&self) -> AgentRow {
         AgentRow {
@@ -124,7 +135,7 @@ impl Agent {
             parent: self.parent,
             lead: self.lead,
             depth: self.depth,
-            scopes: self.manifest.scopes.iter().cloned().collect(),
+            scopes: self.granted.iter().cloned().collect(),
             limit: self.limit,
             promote_after: self.promote_after,
             created_ms: crate::server::unix_ms(self.created_at),
@@ -228,7 +239,8 @@ impl Registry {
             parent: None,
             lead: key,
             depth: 0,
-            manifest: Arc::new(policy.catalogue.manifest(&lead.scopes)),
+            granted: lead.scopes.clone(),
+            manifest: RwLock::new(Arc::new(policy.catalogue.manifest(&lead.scopes))),
             limit: lead.daily_limit,
             promote_after: 0,
             created_at: SystemTime::now(),
@@ -256,10 +268,9 @@ impl Registry {
             tracing::warn!(agent.id = %row.spiffe_id, "stored agent has an unreadable key hash; not restored");
             return;
         };
-        let scopes: BTreeSet<String> = row
-            .scopes
-            .iter()
-            .filter(|s| parent.manifest.scopes.contains(*s))
+        let granted: BTreeSet<String> = row.scopes.iter().cloned().collect();
+        let scopes = granted
+            .intersection(&parent.manifest().scopes)
             .cloned()
             .collect();
 
@@ -272,7 +283,8 @@ impl Registry {
             parent: Some(parent.key),
             lead: row.lead,
             depth: row.depth,
-            manifest: Arc::new(child_manifest(policy, &scopes)),
+            granted,
+            manifest: RwLock::new(Arc::new(child_manifest(policy, &scopes))),
             limit: row.limit,
             promote_after: row.promote_after,
             created_at: from_ms(row.created_ms),
@@ -375,6 +387,76 @@ impl Registry {
         budgets.end(agent.key);
         ended.push(agent);
         ended
+    }
+
+    /// Puts a reloaded policy in force: leads' limits, scopes and delegation rules
+    /// change, new leads appear, and every live agent's manifest is recomputed from the
+    /// new catalogue, parents first, each child narrowed to what its parent now holds.
+    /// Refused, with nothing changed, if a lead would disappear or change its key.
+    pub fn apply_policy(
+        &self,
+        policy: &Policy,
+        budgets: &Budgets,
+        identities: &crate::identity::Identities,
+        store: &ControlStore,
+    ) -> Result<(), String> {
+        let leads: Vec<_> = self
+            .all()
+            .into_iter()
+            .filter(|a| a.parent.is_none())
+            .collect();
+        for lead in &leads {
+            let Some(new) = policy
+                .leads
+                .iter()
+                .find(|l| *l.spiffe_id == *lead.spiffe_id)
+            else {
+                return Err(format!(
+                    "lead {} is missing from the new policy; end it before removing it",
+                    lead.spiffe_id
+                ));
+            };
+            if hex::encode(lead.key_hash) != new.key_sha256.to_ascii_lowercase() {
+                return Err(format!(
+                    "lead {} changes its key; a key change needs a restart",
+                    lead.spiffe_id
+                ));
+            }
+        }
+
+        for new in &policy.leads {
+            match leads.iter().find(|l| *l.spiffe_id == *new.spiffe_id) {
+                Some(lead) => {
+                    budgets.set_limit(lead.key, new.daily_limit);
+                    self.delegation.insert(lead.key, new.delegation.clone());
+                }
+                None => {
+                    self.restore_lead(new, policy, budgets, store)
+                        .map_err(|e| e.to_string())?;
+                    if let Some(added) = self.find(&new.spiffe_id) {
+                        identities.insert(added);
+                    }
+                }
+            }
+        }
+
+        for agent in self.all().into_iter().filter(|a| a.is_live()) {
+            let scopes = match agent.parent.and_then(|p| self.get(p)) {
+                None => policy
+                    .leads
+                    .iter()
+                    .find(|l| *l.spiffe_id == *agent.spiffe_id)
+                    .map(|l| l.scopes.clone())
+                    .unwrap_or_default(),
+                Some(parent) => agent
+                    .granted
+                    .intersection(&parent.manifest().scopes)
+                    .cloned()
+                    .collect(),
+            };
+            agent.set_manifest(policy.catalogue.manifest(&scopes));
+        }
+        Ok(())
     }
 
     /// Live agents whose lifetime has run out at `now`.

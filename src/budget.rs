@@ -486,6 +486,16 @@ impl Budgets {
         parent.ended_children = parent.ended_children + used;
     }
 
+    /// Changes a lead's limit (a policy reload). A limit below what is committed leaves
+    /// no room until the window turns; nothing already committed is taken back.
+    pub fn set_limit(&self, agent: AgentKey, limit: Amount) {
+        let (mut tree, window) = self.lock();
+        if let Some(node) = tree.get_mut(&agent) {
+            node.roll(window);
+            node.limit = limit;
+        }
+    }
+
     /// Freezes `agent`'s budget: it and its descendants can reserve nothing more.
     pub fn freeze(&self, agent: AgentKey) {
         let (mut tree, _) = self.lock();

@@ -49,6 +49,8 @@ pub struct Config {
     pub prices: HashMap<String, Price>,
     /// Leads, scopes and delegation rules.
     pub policy: Policy,
+    /// The policy file, for reloads; `None` for the embedded default.
+    pub policy_path: Option<PathBuf>,
 }
 
 /// The `[server]` table: the listener, state directory and request limits.
@@ -205,6 +207,7 @@ impl Config {
             providers: file.providers,
             prices,
             policy,
+            policy_path,
         };
         config.validate()?;
         Ok(config)

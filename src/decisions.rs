@@ -29,9 +29,10 @@ pub struct Decision {
 impl Decision {
     /// A child was spawned: what its parent granted.
     pub fn spawn(actor: &str, parent: &Agent, agent: &Agent) -> Decision {
-        let mut models: Vec<&String> = agent.manifest.models.iter().collect();
+        let manifest = agent.manifest();
+        let mut models: Vec<&String> = manifest.models.iter().collect();
         models.sort();
-        let mut tools: Vec<&String> = agent.manifest.tools.iter().collect();
+        let mut tools: Vec<&String> = manifest.tools.iter().collect();
         tools.sort();
 
         Decision {
@@ -42,7 +43,7 @@ impl Decision {
                 "agent_id": agent.id,
                 "parent": parent.spiffe_id.to_string(),
                 "slice_usd": agent.limit.to_usd().normalize().to_string(),
-                "scopes": agent.manifest.scopes,
+                "scopes": manifest.scopes,
                 "models": models,
                 "tools": tools,
                 "trust": agent.trust().as_str(),
@@ -64,6 +65,17 @@ impl Decision {
                 "replaces": old.spiffe_id.to_string(),
                 "replaces_id": old.id,
             }),
+            at: SystemTime::now(),
+        }
+    }
+
+    /// A new policy was put in force.
+    pub fn policy_reload(actor: &str, source: &str, leads: usize) -> Decision {
+        Decision {
+            kind: "policy_reload",
+            actor: actor.to_owned(),
+            subject: source.to_owned(),
+            details: json!({ "source": source, "leads": leads }),
             at: SystemTime::now(),
         }
     }

@@ -96,6 +96,8 @@ pub enum ApiError {
     TrustDenied(String),
     #[error("{parent} is {state} and cannot spawn")]
     ParentUnavailable { parent: String, state: &'static str },
+    #[error("policy not reloaded, the old one stays in force: {0}")]
+    InvalidPolicy(String),
     #[error("unknown URL: {method} {path}")]
     UnknownRoute { method: String, path: String },
     #[error("provider '{provider}' has no API key: set the environment variable {env}")]
@@ -194,6 +196,7 @@ impl ApiError {
             ParentUnavailable { .. } => {
                 (409, "invalid_request_error", "parent_unavailable", Client)
             }
+            InvalidPolicy(_) => (400, "invalid_request_error", "invalid_policy", Client),
             UnknownRoute { .. } => (404, "invalid_request_error", "unknown_url", Client),
             ProviderKeyMissing { .. } => (502, "upstream_error", "provider_not_configured", Config),
             UpstreamUnreachable { .. } => (502, "upstream_error", "upstream_unreachable", Upstream),

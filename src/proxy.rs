@@ -239,7 +239,7 @@ async fn reserve(
         Endpoint::Chat | Endpoint::Responses => route.price.max_output_tokens,
     };
     let wanted = inspected.max_output.map_or(cap, |(n, _)| n.min(cap));
-    let floor = app.min_output_tokens.min(wanted);
+    let floor = app.policy().min_output_tokens.min(wanted);
 
     let prompt = Amount(prompt_bound.saturating_mul(input_price));
     let at_most = |tokens: u64| prompt + Amount(tokens.saturating_mul(output_price));
@@ -304,9 +304,9 @@ fn unlisted_tools(
     for tool in inspected
         .tools
         .iter()
-        .filter(|t| !agent.manifest.allows_tool(t))
+        .filter(|t| !agent.manifest().allows_tool(t))
     {
-        match app.policy.unlisted_tools {
+        match app.policy().unlisted_tools {
             UnlistedTools::Refuse => return Err(ApiError::ToolNotPermitted(tool.to_string())),
             UnlistedTools::Strip => unlisted.push(tool.to_string()),
         }
@@ -320,7 +320,7 @@ fn admit(app: &App, agent: &Agent, model: &str) -> Result<Arc<Route>, ApiError> 
         .routes
         .get(model)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
-    if !agent.manifest.allows_model(model) {
+    if !agent.manifest().allows_model(model) {
         return Err(ApiError::ModelNotPermitted(model.to_owned()));
     }
     Ok(Arc::clone(route))

@@ -21,8 +21,9 @@ pub use control::unix_ms;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::server::conn::http1;
@@ -68,12 +69,15 @@ pub enum StartError {
 /// State shared by every request.
 pub struct App {
     pub identities: Identities,
+    /// Agents, leases and decisions, written synchronously.
+    pub control: Arc<ControlStore>,
     pub decisions: DecisionLog,
     pub registry: Registry,
-    pub policy: Policy,
+    /// The policy in force; replaced whole by a reload.
+    policy: RwLock<Arc<Policy>>,
+    /// Where the policy is read from on reload; `None`: the embedded default.
+    pub policy_path: Option<PathBuf>,
     pub budgets: Arc<Budgets>,
-    /// Below this many output tokens a request that does not fit is refused, not clamped.
-    pub min_output_tokens: u64,
     pub routes: Routes,
     pub metrics: Metrics,
     pub usage: UsageSink,
@@ -82,6 +86,18 @@ pub struct App {
     pub ids: RequestIds,
     /// Set once shutdown begins; `/readyz` then answers 503.
     pub draining: AtomicBool,
+}
+
+impl App {
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts `policy` in force for every request and spawn from now on.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
 }
 
 /// Size limits on bodies in both directions.
@@ -140,11 +156,12 @@ impl Server {
         let registry = Registry::restore(&config.policy, &budgets, &control)?;
         let app = App {
             identities: Identities::new(&config.operator.key_sha256, &registry)?,
-            decisions: DecisionLog::new(control),
+            decisions: DecisionLog::new(control.clone()),
+            control,
             registry,
-            policy: config.policy.clone(),
+            policy: RwLock::new(Arc::new(config.policy.clone())),
+            policy_path: config.policy_path.clone(),
             budgets,
-            min_output_tokens: config.policy.min_output_tokens,
             routes: Routes::new(&config, workers)?,
             metrics: Metrics::new(),
             usage: usage_log.sink(),
@@ -193,6 +210,7 @@ impl Server {
             tokio::select! {
                 () = shutdown => {}
                 () = expire_agents(&self.app) => {}
+                () = reload_on_sighup(&self.app) => {}
             }
         });
         self.app.draining.store(true, Ordering::Relaxed);
@@ -206,6 +224,25 @@ impl Server {
         self.usage_log.close();
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Reloads the policy on every SIGHUP, until shutdown.
+async fn reload_on_sighup(app: &Arc<App>) {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload with POST /v1/policy/reload");
+            return std::future::pending().await;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match control::reload_policy(app, "operator").await {
+            Ok(evidence) => tracing::info!(evidence.id = %evidence, "policy reloaded on SIGHUP"),
+            Err(e) => tracing::warn!(error = %e, "policy reload on SIGHUP refused"),
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::atomic::AtomicU8;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rust_decimal::Decimal;
@@ -158,7 +158,8 @@ pub fn spawn(
         parent: Some(parent.key),
         lead: parent.lead,
         depth: parent.depth + 1,
-        manifest: Arc::new(child_manifest(policy, &terms.scopes)),
+        manifest: RwLock::new(Arc::new(child_manifest(policy, &terms.scopes))),
+        granted: terms.scopes.clone(),
         limit: terms.slice,
         promote_after: terms.promote_after,
         created_at: now,
@@ -207,7 +208,7 @@ impl SpawnRequest {
             },
             permissions: PermissionsRequest {
                 inherit_from: None,
-                restrict_to: Some(old.manifest.scopes.iter().cloned().collect()),
+                restrict_to: Some(old.granted.iter().cloned().collect()),
             },
             trust: TrustRequest {
                 initial_level: None,
@@ -383,7 +384,7 @@ fn scopes(
     }
 
     let grantable: BTreeSet<String> = parent
-        .manifest
+        .manifest()
         .scopes
         .intersection(delegable)
         .cloned()
@@ -392,7 +393,7 @@ fn scopes(
         return Ok(grantable);
     };
     for scope in asked {
-        if !parent.manifest.scopes.contains(scope) {
+        if !parent.manifest().scopes.contains(scope) {
             return Err(ApiError::ScopeNotGranted {
                 scope: scope.clone(),
                 why: format!("{} does not hold it", parent.spiffe_id),

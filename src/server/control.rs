@@ -20,6 +20,7 @@ use crate::budget::Amount;
 use crate::decisions::Decision;
 use crate::error::ApiError;
 use crate::identity::Caller;
+use crate::policy::Policy;
 
 type AppState = State<Arc<App>>;
 
@@ -90,12 +91,12 @@ impl AgentView {
     fn of(app: &App, agent: &Agent) -> AgentView {
         let budget = app.budgets.view(agent.key);
         let ended = agent.ended();
-        let mut models: Vec<String> = agent.manifest.models.iter().cloned().collect();
-        if agent.manifest.all_models {
+        let mut models: Vec<String> = agent.manifest().models.iter().cloned().collect();
+        if agent.manifest().all_models {
             models.push("*".into());
         }
         models.sort();
-        let mut tools: Vec<String> = agent.manifest.tools.iter().cloned().collect();
+        let mut tools: Vec<String> = agent.manifest().tools.iter().cloned().collect();
         tools.sort();
 
         AgentView {
@@ -113,7 +114,7 @@ impl AgentView {
             },
             budget: budget_view(agent, budget),
             manifest: ManifestView {
-                scopes: agent.manifest.scopes.iter().cloned().collect(),
+                scopes: agent.manifest().scopes.iter().cloned().collect(),
                 models,
                 tools,
             },
@@ -190,11 +191,12 @@ pub async fn create(
 
     let worker = Arc::clone(&app);
     let spawned = tokio::task::spawn_blocking(move || {
+        let policy = worker.policy();
         let fleet = Fleet {
             registry: &worker.registry,
             identities: &worker.identities,
             budgets: &worker.budgets,
-            policy: &worker.policy,
+            policy: &policy,
             decisions: &worker.decisions,
         };
         spawn(request, caller.as_deref(), fleet)
@@ -353,11 +355,12 @@ pub async fn replace(
     let request = SpawnRequest::replacing(&old, &parent, name);
     let worker = Arc::clone(&app);
     let (spawned, evidence) = tokio::task::spawn_blocking(move || {
+        let policy = worker.policy();
         let fleet = Fleet {
             registry: &worker.registry,
             identities: &worker.identities,
             budgets: &worker.budgets,
-            policy: &worker.policy,
+            policy: &policy,
             decisions: &worker.decisions,
         };
         let spawned = spawn(request, Some(&parent), fleet)?;
@@ -375,6 +378,46 @@ pub async fn replace(
     view.api_key = Some(spawned.api_key);
     view.evidence_id = Some(evidence);
     Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// `POST /v1/policy/reload` (operator): reads the policy file again and, if it is
+/// valid, puts it in force.
+pub async fn reload(State(app): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    app.identities.authenticate_operator(&headers)?;
+    let evidence = reload_policy(&app, "operator").await?;
+    Ok(Json(serde_json::json!({ "reloaded": true, "evidence_id": evidence })).into_response())
+}
+
+/// Reads, validates and applies the policy; the old one stays in force on any error.
+pub async fn reload_policy(app: &Arc<App>, actor: &str) -> Result<String, ApiError> {
+    let (worker, actor) = (Arc::clone(app), actor.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let served = |model: &str| worker.routes.get(model).is_some();
+        let policy = Policy::load(worker.policy_path.as_deref(), served)
+            .map_err(|e| ApiError::InvalidPolicy(e.to_string()))?;
+        worker
+            .registry
+            .apply_policy(
+                &policy,
+                &worker.budgets,
+                &worker.identities,
+                &worker.control,
+            )
+            .map_err(ApiError::InvalidPolicy)?;
+
+        let source = worker.policy_path.as_ref().map_or_else(
+            || "embedded policy.toml".to_owned(),
+            |p| p.display().to_string(),
+        );
+        let decision = Decision::policy_reload(&actor, &source, policy.leads.len());
+        worker.set_policy(policy);
+        worker
+            .decisions
+            .record(&decision)
+            .map_err(|e| ApiError::Internal(format!("policy reload not recorded: {e}")))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("policy reload: {e}")))?
 }
 
 /// Ends `agent` and its descendants, revokes their keys and records each ending.

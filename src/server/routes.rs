@@ -35,6 +35,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/agents/{id}/budget", get(control::budget))
         .route("/v1/agents/{id}/replace", post(control::replace))
+        .route("/v1/policy/reload", post(control::reload))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -77,7 +78,7 @@ async fn models(State(app): AppState, headers: HeaderMap) -> Result<Response, Ap
         .routes
         .all()
         .into_iter()
-        .filter(|route| agent.manifest.allows_model(&route.model))
+        .filter(|route| agent.manifest().allows_model(&route.model))
         .map(|route| ModelEntry {
             id: &route.model,
             object: "model",

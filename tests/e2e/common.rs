@@ -144,6 +144,22 @@ impl Harness {
         self.mock.truth_all()
     }
 
+    /// The policy file Warden reads, for tests that change it.
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.join("policy.toml")
+    }
+
+    /// Sends a signal (by name, e.g. `HUP`) to Warden.
+    pub fn signal(&self, name: &str) {
+        let pid = self.warden.id().to_string();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(&pid)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Kills Warden with SIGKILL: no drain, no flush.
     pub fn crash(&mut self) {
         let pid = self.warden.id().to_string();

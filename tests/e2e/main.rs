@@ -10,4 +10,5 @@ mod errors;
 mod fleet;
 mod lifecycle;
 mod other_endpoints;
+mod policy;
 mod replay;
