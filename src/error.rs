@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::budget::{Amount, BudgetError};
 
@@ -276,19 +277,25 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// Every error body: `{"error": {"message", "type", "code", "param"}}`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ErrorResponse)]
+pub struct ErrorBody<'a> {
     error: ErrorObject<'a>,
 }
 
-#[derive(Serialize)]
-struct ErrorObject<'a> {
+/// The OpenAI error object.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorObject<'a> {
     message: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
     code: &'static str,
     param: Option<&'static str>,
 }
+
+/// The schema of every error body, for the OpenAPI document.
+pub type ErrorResponse = ErrorBody<'static>;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

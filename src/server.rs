@@ -15,6 +15,7 @@
 //! every request's record is committed before the process exits.
 
 mod control;
+mod openapi;
 mod routes;
 
 pub use control::unix_ms;

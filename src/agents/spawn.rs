@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
 use super::{Agent, Registry, TrustLevel, child_manifest, expiry};
 use crate::budget::{Amount, BudgetError, Budgets};
@@ -23,8 +24,8 @@ use crate::error::ApiError;
 use crate::identity::Identities;
 use crate::policy::Policy;
 
-/// `POST /v1/agents`.
-#[derive(Debug, Deserialize)]
+/// `POST /v1/agents`: the child to spawn.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpawnRequest {
     /// The parent: its id, SPIFFE ID or name.
@@ -39,36 +40,47 @@ pub struct SpawnRequest {
     pub lifecycle: LifecycleRequest,
 }
 
-#[derive(Debug, Deserialize)]
+/// The child's budget: a slice of its parent's.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetRequest {
     /// US dollars per day, as a decimal string.
+    #[schema(value_type = String, example = "50.00")]
     pub daily_limit: serde_json::Value,
+    /// `USD`, the only currency.
     pub currency: Option<String>,
+    /// `parent_slice`, the only source.
     pub source: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The child's permissions: a subset of its parent's.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PermissionsRequest {
+    /// `parent`, the only source.
     pub inherit_from: Option<String>,
     /// The scopes the child gets; absent means every scope the parent may delegate.
     pub restrict_to: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The child's trust: it always starts WATCHED.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrustRequest {
+    /// `WATCHED`; any higher level is refused.
     pub initial_level: Option<String>,
     /// A count, or a string like `"3_clean_verdicts"`.
+    #[schema(value_type = String, example = "3_clean_verdicts")]
     pub promote_after: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The child's lifetime.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LifecycleRequest {
     /// A duration like `"72h"`; absent means the policy's `max_lifetime`.
     pub max_duration: Option<String>,
+    /// Must be `true` when given: every sub-agent ends at its `max_duration`.
     pub auto_terminate: Option<bool>,
 }
 

@@ -12,20 +12,21 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Json, Response};
 use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::App;
 use crate::agents::next_name;
 use crate::agents::{Agent, EndReason, Fleet, SpawnRequest, spawn};
 use crate::budget::Amount;
 use crate::decisions::Decision;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorResponse};
 use crate::identity::Caller;
 use crate::policy::Policy;
 
 type AppState = State<Arc<App>>;
 
 /// An agent as the control plane shows it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AgentView {
     id: String,
     name: String,
@@ -36,42 +37,54 @@ pub struct AgentView {
     budget: BudgetView,
     manifest: ManifestView,
     lifecycle: LifecycleView,
+    /// The agent's bearer key: in the spawn response only, never again.
     #[serde(skip_serializing_if = "Option::is_none")]
     api_key: Option<String>,
+    /// The decision record of the spawn.
     #[serde(skip_serializing_if = "Option::is_none")]
     evidence_id: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct TrustView {
     level: &'static str,
     promote_after: u32,
 }
 
-#[derive(Serialize)]
+/// An agent's budget in US dollars (decimal strings), this window.
+#[derive(Serialize, ToSchema)]
 pub struct BudgetView {
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String)]
     daily_limit: rust_decimal::Decimal,
     currency: &'static str,
     source: &'static str,
+    /// Spent by the agent and by its ended children.
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String)]
     spent: rust_decimal::Decimal,
+    /// Held by requests in flight.
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String)]
     reserved: rust_decimal::Decimal,
+    /// The slices of live children.
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String)]
     delegated: rust_decimal::Decimal,
+    /// What the agent may still reserve or delegate.
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String)]
     available: rust_decimal::Decimal,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ManifestView {
     scopes: Vec<String>,
     models: Vec<String>,
     tools: Vec<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct LifecycleView {
     created_at: String,
     expires_at: Option<String>,
@@ -176,7 +189,19 @@ fn find(app: &App, reference: &str) -> Result<Arc<Agent>, ApiError> {
         .ok_or_else(|| ApiError::AgentNotFound(reference.to_owned()))
 }
 
-/// `POST /v1/agents`: spawns a sub-agent.
+/// Spawns a sub-agent
+///
+/// The caller (the parent itself, or the operator) hands the child a slice of its
+/// budget and a subset of its scopes. The child starts WATCHED.
+#[utoipa::path(post, path = "/v1/agents", tag = "agents", request_body = SpawnRequest,
+    responses(
+        (status = 201, description = "Spawned; the only time the key is shown", body = AgentView),
+        (status = 400, description = "Malformed request", body = ErrorResponse),
+        (status = 403, description = "Policy, scope or trust refusal", body = ErrorResponse),
+        (status = 409, description = "Name taken or parent ended", body = ErrorResponse),
+        (status = 429, description = "The slice does not fit the parent's room", body = ErrorResponse),
+    ),
+    security(("bearer" = [])))]
 pub async fn create(
     State(app): AppState,
     headers: HeaderMap,
@@ -210,20 +235,28 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-#[derive(Deserialize)]
+/// Filters of `GET /v1/agents`.
+#[derive(Deserialize, IntoParams)]
 pub struct ListQuery {
+    /// Only the children of this agent (id, SPIFFE ID or name).
     parent: Option<String>,
+    /// `live` or `ended`.
     state: Option<String>,
+    /// A trust level, e.g. `WATCHED`.
     trust: Option<String>,
 }
 
-#[derive(Serialize)]
-struct AgentList {
+#[derive(Serialize, ToSchema)]
+pub struct AgentList {
     object: &'static str,
     data: Vec<AgentView>,
 }
 
-/// `GET /v1/agents`: the agents the caller may see, filtered.
+/// Lists agents
+///
+/// The operator sees every agent; an agent sees itself and its descendants.
+#[utoipa::path(get, path = "/v1/agents", tag = "agents", params(ListQuery),
+    responses((status = 200, body = AgentList)), security(("bearer" = [])))]
 pub async fn list(
     State(app): AppState,
     headers: HeaderMap,
@@ -265,7 +298,11 @@ pub async fn list(
     .into_response())
 }
 
-/// `GET /v1/agents/{id}`.
+/// Reads an agent
+#[utoipa::path(get, path = "/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent id, SPIFFE ID or name")),
+    responses((status = 200, body = AgentView), (status = 404, body = ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn get(
     State(app): AppState,
     headers: HeaderMap,
@@ -276,7 +313,11 @@ pub async fn get(
     Ok(Json(AgentView::of(&app, &agent)).into_response())
 }
 
-/// `GET /v1/agents/{id}/budget`.
+/// Reads an agent's budget
+#[utoipa::path(get, path = "/v1/agents/{id}/budget", tag = "agents",
+    params(("id" = String, Path, description = "Agent id, SPIFFE ID or name")),
+    responses((status = 200, body = BudgetView), (status = 404, body = ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn budget(
     State(app): AppState,
     headers: HeaderMap,
@@ -287,7 +328,15 @@ pub async fn budget(
     Ok(Json(budget_view(&agent, app.budgets.view(agent.key))).into_response())
 }
 
-/// `DELETE /v1/agents/{id}`: ends the agent and its descendants.
+/// Terminates an agent
+///
+/// Ends the agent and its descendants, revokes their keys and returns each unspent
+/// slice to its parent.
+#[utoipa::path(delete, path = "/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent id, SPIFFE ID or name")),
+    responses((status = 200, description = "The agent and the ids of every agent ended"),
+        (status = 403, body = ErrorResponse), (status = 404, body = ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn terminate(
     State(app): AppState,
     headers: HeaderMap,
@@ -310,15 +359,23 @@ pub async fn terminate(
     )
 }
 
-#[derive(Deserialize, Default)]
+/// `POST /v1/agents/{id}/replace`.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplaceRequest {
     /// The replacement's name; default: the next number of the old agent's role.
     name: Option<String>,
 }
 
-/// `POST /v1/agents/{id}/replace`: ends the agent (if it still lives) and spawns a
-/// fresh one with the same role, manifest and slice, and a new identity.
+/// Replaces an agent
+///
+/// Ends the agent (if it still lives) and spawns a fresh one with the same role,
+/// manifest and slice, and a new identity.
+#[utoipa::path(post, path = "/v1/agents/{id}/replace", tag = "agents",
+    params(("id" = String, Path, description = "Agent id, SPIFFE ID or name")),
+    request_body(content = Option<ReplaceRequest>),
+    responses((status = 201, body = AgentView), (status = 404, body = ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn replace(
     State(app): AppState,
     headers: HeaderMap,
@@ -380,8 +437,13 @@ pub async fn replace(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-/// `POST /v1/policy/reload` (operator): reads the policy file again and, if it is
-/// valid, puts it in force.
+/// Reloads the policy
+///
+/// Reads the policy file again and, if it is valid, puts it in force; otherwise the
+/// old policy stays and the error names the line to fix. Operator only.
+#[utoipa::path(post, path = "/v1/policy/reload", tag = "policy",
+    responses((status = 200, description = "Reloaded"), (status = 400, body = ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn reload(State(app): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     app.identities.authenticate_operator(&headers)?;
     let evidence = reload_policy(&app, "operator").await?;

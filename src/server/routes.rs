@@ -36,6 +36,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/agents/{id}/budget", get(control::budget))
         .route("/v1/agents/{id}/replace", post(control::replace))
         .route("/v1/policy/reload", post(control::reload))
+        .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -178,6 +179,16 @@ async fn metrics(State(app): AppState) -> Response {
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /openapi.json`: the control plane's OpenAPI document.
+async fn openapi_json() -> Response {
+    let mut response = super::openapi::document().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
     response
 }

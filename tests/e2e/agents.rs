@@ -455,3 +455,37 @@ async fn replacement_takes_over_the_role() {
         assert_eq!(response.status(), status);
     }
 }
+
+/// The control plane's OpenAPI document is served, generated from the code.
+#[tokio::test]
+async fn openapi_document_describes_the_control_plane() {
+    let h = Harness::start().await;
+    let response = reqwest::get(h.url("/openapi.json")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let doc: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = &doc["paths"];
+    for (path, method) in [
+        ("/v1/agents", "post"),
+        ("/v1/agents", "get"),
+        ("/v1/agents/{id}", "get"),
+        ("/v1/agents/{id}", "delete"),
+        ("/v1/agents/{id}/budget", "get"),
+        ("/v1/agents/{id}/replace", "post"),
+        ("/v1/policy/reload", "post"),
+    ] {
+        assert!(paths[path][method].is_object(), "{method} {path} missing");
+    }
+    let spawn = &doc["components"]["schemas"]["SpawnRequest"];
+    let required: Vec<&str> = spawn["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for field in ["parent", "name", "budget"] {
+        assert!(required.contains(&field), "{required:?}");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
