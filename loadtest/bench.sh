@@ -49,6 +49,13 @@ run stream-paced --mode closed --concurrency 8 --requests 2000 --warmup 100 \
 run stream-burst --mode closed --concurrency 4 --requests 5000 --warmup 100 \
     --stream --tokens 200
 
+# The control plane: the demo lead stands up (and ends) a 50-agent fleet.
+for concurrency in 1 8; do
+    echo "== spawn-c$concurrency"
+    target/release/loadgen --warden http://127.0.0.1:8484/v1 --warden-key wdn-demo-agent-0001 \
+        --spawn 50 --concurrency "$concurrency" --json "$out/spawn-c$concurrency.json"
+done
+
 command -v nginx >/dev/null || exit 0
 kill "$warden_pid"
 wait "$warden_pid" 2>/dev/null || true

@@ -7,11 +7,13 @@
 //! (one timed HTTP/1.1 request over a keep-alive pool, reading SSE events
 //! for time to first token and inter-event gaps), and `report` (HDR
 //! histograms, per-target summaries, the Warden-minus-direct comparison,
-//! and the table and JSON outputs).
+//! and the table and JSON outputs). `spawn` is a separate scenario: a lead
+//! standing up a fleet of sub-agents through the control plane.
 
 mod driver;
 mod exchange;
 mod report;
+mod spawn;
 mod target;
 mod workload;
 
@@ -21,6 +23,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use report::{Comparison, Percentiles, RunReport, TargetReport};
+pub use spawn::{SpawnConfig, SpawnReport, run_spawn};
 pub use target::{Target, is_loopback};
 pub use workload::{Endpoint, Workload};
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use loadtest::loadgen::{self, Endpoint, LoadConfig, Mode, RunReport, Target, Workload};
+use loadtest::loadgen::{self, Endpoint, LoadConfig, Mode, Target, Workload};
 use tracing_subscriber::EnvFilter;
 
 /// Load generator comparing direct-to-provider with through-Warden.
@@ -15,8 +15,8 @@ use tracing_subscriber::EnvFilter;
 #[command(version)]
 struct Args {
     /// Base URL of the provider reached directly, including /v1 (loopback only).
-    #[arg(long)]
-    direct: String,
+    #[arg(long, required_unless_present = "spawn")]
+    direct: Option<String>,
     /// Key for the direct target.
     #[arg(long, default_value = "mock")]
     direct_key: String,
@@ -72,6 +72,16 @@ struct Args {
     /// Do not print the live progress line.
     #[arg(long)]
     no_progress: bool,
+    /// The spawn scenario instead: this many sub-agents spawned through `--warden`
+    /// with `--warden-key` (a lead's key), `--concurrency` at a time, then ended.
+    #[arg(long, requires = "warden")]
+    spawn: Option<usize>,
+    /// The parent of the spawned agents: the lead's name, id or SPIFFE ID.
+    #[arg(long, default_value = "lead")]
+    parent: String,
+    /// Each spawned agent's daily slice, a decimal string.
+    #[arg(long, default_value = "1.00")]
+    slice: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -102,14 +112,40 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<RunReport, Box<dyn std::error::Error>> {
+async fn run(args: Args) -> Result<Box<dyn std::fmt::Display>, Box<dyn std::error::Error>> {
     let json = args.json.clone();
-    let report = loadgen::run(&config(args)?).await?;
+    let (report, value): (Box<dyn std::fmt::Display>, serde_json::Value) = match args.spawn {
+        Some(agents) => {
+            let report = loadgen::run_spawn(&spawn_config(&args, agents)?).await?;
+            let value = serde_json::to_value(&report)?;
+            (Box::new(report), value)
+        }
+        None => {
+            let report = loadgen::run(&config(args)?).await?;
+            let value = serde_json::to_value(&report)?;
+            (Box::new(report), value)
+        }
+    };
     if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        std::fs::write(&path, serde_json::to_vec_pretty(&value)?)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(report)
+}
+
+fn spawn_config(args: &Args, agents: usize) -> Result<loadgen::SpawnConfig, loadgen::LoadError> {
+    let url = args.warden.as_deref().unwrap_or_default();
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(loadgen::SpawnConfig {
+        warden: Target::new("warden", url, args.warden_key.as_deref())?,
+        parent: args.parent.clone(),
+        agents,
+        concurrency: args.concurrency,
+        slice: args.slice.clone(),
+        prefix: format!("lg{run}"),
+    })
 }
 
 fn config(args: Args) -> Result<LoadConfig, loadgen::LoadError> {
@@ -127,7 +163,11 @@ fn config(args: Args) -> Result<LoadConfig, loadgen::LoadError> {
         .as_deref()
         .map(|url| Target::new("warden", url, args.warden_key.as_deref()));
     Ok(LoadConfig {
-        direct: Target::new("direct", &args.direct, Some(&args.direct_key))?,
+        direct: Target::new(
+            "direct",
+            args.direct.as_deref().unwrap_or_default(),
+            Some(&args.direct_key),
+        )?,
         warden: warden.transpose()?,
         mode,
         workload: Workload {

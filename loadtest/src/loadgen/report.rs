@@ -121,7 +121,7 @@ pub struct Percentiles {
 
 impl Percentiles {
     /// None for an empty histogram (e.g. TTFT of a non-streaming run).
-    fn of(histogram: &Histogram<u64>) -> Option<Self> {
+    pub(crate) fn of(histogram: &Histogram<u64>) -> Option<Self> {
         if histogram.is_empty() {
             return None;
         }
