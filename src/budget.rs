@@ -173,6 +173,8 @@ struct Node {
     leased: Amount,
     /// A lease extension is being written.
     extending: bool,
+    /// The breaker tripped (a request found no room) in this window.
+    tripped: bool,
     window: u64,
     state: NodeState,
 }
@@ -193,6 +195,7 @@ impl Node {
             self.spent = Amount::ZERO;
             self.ended_children = Amount::ZERO;
             self.leased = Amount::ZERO;
+            self.tripped = false;
         }
     }
 
@@ -486,6 +489,17 @@ impl Budgets {
         parent.ended_children = parent.ended_children + used;
     }
 
+    /// Marks `agent`'s breaker as tripped; true only the first time in a window, so
+    /// the trip is recorded once however many requests it refuses.
+    pub fn trip(&self, agent: AgentKey) -> bool {
+        let (mut tree, window) = self.lock();
+        let Some(node) = tree.get_mut(&agent) else {
+            return false;
+        };
+        node.roll(window);
+        !std::mem::replace(&mut node.tripped, true)
+    }
+
     /// Changes a lead's limit (a policy reload). A limit below what is committed leaves
     /// no room until the window turns; nothing already committed is taken back.
     pub fn set_limit(&self, agent: AgentKey, limit: Amount) {
@@ -524,6 +538,7 @@ fn new_node(parent: Option<AgentKey>, limit: Amount, window: u64) -> Node {
         ended_children: Amount::ZERO,
         leased: Amount::ZERO,
         extending: false,
+        tripped: false,
         window,
         state: NodeState::Live,
     }

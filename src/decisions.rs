@@ -69,6 +69,34 @@ impl Decision {
         }
     }
 
+    /// A spawn was refused: who asked, for which parent and name, and why.
+    pub fn spawn_refused(
+        actor: &str,
+        parent: &str,
+        name: &str,
+        code: &str,
+        reason: &str,
+    ) -> Decision {
+        Decision {
+            kind: "spawn_refused",
+            actor: actor.to_owned(),
+            subject: parent.to_owned(),
+            details: json!({ "name": name, "code": code, "reason": reason }),
+            at: SystemTime::now(),
+        }
+    }
+
+    /// An agent's breaker tripped: it reached its limit (the first refusal this window).
+    pub fn breaker_trip(agent: &Agent, reason: &str) -> Decision {
+        Decision {
+            kind: "breaker_trip",
+            actor: "warden".to_owned(),
+            subject: agent.spiffe_id.to_string(),
+            details: json!({ "agent_id": agent.id, "reason": reason }),
+            at: SystemTime::now(),
+        }
+    }
+
     /// A new policy was put in force.
     pub fn policy_reload(actor: &str, source: &str, leads: usize) -> Decision {
         Decision {

@@ -29,6 +29,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::budget::{AgentKey, Amount, BudgetError, Reservation};
 use crate::config::{Config, Price};
+use crate::decisions::Decision;
 use crate::error::ApiError;
 use crate::identity::Agent;
 use crate::metering::{self, StreamFormat, StreamMeter};
@@ -274,13 +275,31 @@ async fn hold(app: &App, agent: &Agent, min: Amount, max: Amount) -> Result<Rese
                     .map_err(|e| ApiError::Internal(format!("lease: {e}")))?
                     .map_err(|e| ApiError::Internal(format!("lease not stored: {e}")))?;
             }
-            Err(e) => return Err(ApiError::from_budget(&agent.spiffe_id, e)),
+            Err(e) => {
+                let refusal = ApiError::from_budget(&agent.spiffe_id, e);
+                if matches!(refusal, ApiError::BudgetExceeded { .. }) && app.budgets.trip(agent.key)
+                {
+                    record_trip(app, agent, &refusal);
+                }
+                return Err(refusal);
+            }
         }
     }
     Err(ApiError::Internal(format!(
         "{}: the lease kept running out",
         agent.spiffe_id
     )))
+}
+
+/// Records a breaker trip off the request path.
+fn record_trip(app: &App, agent: &Agent, refusal: &ApiError) {
+    let decision = Decision::breaker_trip(agent, &refusal.to_string());
+    let decisions = app.decisions.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = decisions.record(&decision) {
+            tracing::error!(agent.id = %decision.subject, error = %e, "breaker trip not recorded");
+        }
+    });
 }
 
 /// Extends a lease off the request path; a failure only means the next request waits.

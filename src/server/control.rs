@@ -213,6 +213,10 @@ pub async fn create(
     };
     let body = crate::proxy::read_body(body, app.limits.max_body_bytes).await?;
     let request: SpawnRequest = serde_json::from_slice(&body).map_err(ApiError::from_json)?;
+    let asked = (request.parent.clone(), request.name.clone());
+    let actor = caller
+        .as_ref()
+        .map_or_else(|| "operator".to_owned(), |c| c.spiffe_id.to_string());
 
     let worker = Arc::clone(&app);
     let spawned = tokio::task::spawn_blocking(move || {
@@ -227,7 +231,21 @@ pub async fn create(
         spawn(request, caller.as_deref(), fleet)
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("spawn: {e}")))??;
+    .map_err(|e| ApiError::Internal(format!("spawn: {e}")))?;
+    let spawned = match spawned {
+        Ok(spawned) => spawned,
+        Err(refusal) => {
+            let code = refusal.descriptor().code;
+            let decision =
+                Decision::spawn_refused(&actor, &asked.0, &asked.1, code, &refusal.to_string());
+            let decisions = app.decisions.clone();
+            let recorded = tokio::task::spawn_blocking(move || decisions.record(&decision)).await;
+            if !matches!(recorded, Ok(Ok(_))) {
+                tracing::error!(parent = %asked.0, "spawn refusal not recorded");
+            }
+            return Err(refusal);
+        }
+    };
 
     let mut view = AgentView::of(&app, &spawned.agent);
     view.api_key = Some(spawned.api_key);

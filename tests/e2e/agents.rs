@@ -337,6 +337,9 @@ async fn refused_spawns_change_nothing() {
         before,
         "refusals changed the lead's budget"
     );
+    let refusals = h.decisions("spawn_refused", None);
+    assert_eq!(refusals.len(), 16, "every refusal is a decision record");
+    assert!(refusals.iter().any(|r| r["code"] == "trust_level_denied"));
     let (_, all) = call(&h, reqwest::Method::GET, "/v1/agents", OPERATOR_KEY, None).await;
     assert_eq!(
         all["data"].as_array().unwrap().len(),

@@ -186,6 +186,20 @@ impl Harness {
     pub fn database(&self) -> PathBuf {
         self.dir.join("data/warden.db")
     }
+
+    /// The decision records of `kind` about `subject` (any subject when `None`).
+    pub fn decisions(&self, kind: &str, subject: Option<&str>) -> Vec<Value> {
+        let db = rusqlite::Connection::open(self.database()).unwrap();
+        let mut stmt = db
+            .prepare("SELECT details FROM decisions WHERE kind = ?1 AND (?2 IS NULL OR subject = ?2) ORDER BY seq")
+            .unwrap();
+        stmt.query_map(rusqlite::params![kind, subject], |row| {
+            row.get::<_, String>(0)
+        })
+        .unwrap()
+        .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
+        .collect()
+    }
 }
 
 impl Drop for Harness {
