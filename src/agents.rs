@@ -143,6 +143,7 @@ impl Agent {
             key_hash: hex::encode(self.key_hash),
             ended_ms: self.ended().map(|(at, _)| crate::server::unix_ms(at)),
             end_reason: self.ended().map(|(_, r)| r.as_str().to_owned()),
+            trust: self.trust().as_str().to_owned(),
         }
     }
 
@@ -290,7 +291,7 @@ impl Registry {
             created_at: from_ms(row.created_ms),
             expires_at: row.expires_ms.map(from_ms),
             key_hash,
-            trust: AtomicU8::new(TrustLevel::Watched as u8),
+            trust: AtomicU8::new(TrustLevel::parse(&row.trust).unwrap_or(TrustLevel::Watched) as u8),
             ended: Mutex::new(
                 row.ended_ms
                     .map(|at| (from_ms(at), end_reason(row.end_reason.as_deref()))),

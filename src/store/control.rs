@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS agents (
     created_ms    INTEGER NOT NULL,
     expires_ms    INTEGER,
     key_hash      TEXT    NOT NULL,
+    trust         TEXT    NOT NULL,
     ended_ms      INTEGER,
     end_reason    TEXT
 );
@@ -64,6 +65,7 @@ pub struct AgentRow {
     pub created_ms: i64,
     pub expires_ms: Option<i64>,
     pub key_hash: String,
+    pub trust: String,
     pub ended_ms: Option<i64>,
     pub end_reason: Option<String>,
 }
@@ -109,7 +111,7 @@ impl ControlStore {
         let conn = self.lock();
         let mut stmt = conn.prepare(
             "SELECT key, id, name, spiffe_id, parent, lead, depth, scopes, limit_picos,
-                    promote_after, created_ms, expires_ms, key_hash, ended_ms, end_reason
+                    promote_after, created_ms, expires_ms, key_hash, ended_ms, end_reason, trust
              FROM agents ORDER BY key",
         )?;
         let agents = stmt
@@ -131,6 +133,7 @@ impl ControlStore {
                     key_hash: row.get(12)?,
                     ended_ms: row.get(13)?,
                     end_reason: row.get(14)?,
+                    trust: row.get(15)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -172,8 +175,8 @@ impl ControlStore {
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT INTO agents (key, id, name, spiffe_id, parent, lead, depth, scopes,
-                limit_picos, promote_after, created_ms, expires_ms, key_hash, ended_ms, end_reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                limit_picos, promote_after, created_ms, expires_ms, key_hash, ended_ms, end_reason, trust)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 agent.key as i64,
                 agent.id,
@@ -190,6 +193,7 @@ impl ControlStore {
                 agent.key_hash,
                 agent.ended_ms,
                 agent.end_reason,
+                agent.trust,
             ],
         )?;
         let seq = decision.map(|d| append(&tx, d)).transpose()?;

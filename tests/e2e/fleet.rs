@@ -148,4 +148,23 @@ async fn two_hundred_streams_and_a_crash_stay_within_every_limit() {
     )
     .await;
     assert_eq!(status, 401, "an expired agent's key is revoked");
+
+    // The parent invariant, as Warden sees it after the restart: the slices are all
+    // still committed (the short-lived one returned), and nothing is over the limit.
+    let response = reqwest::Client::new()
+        .get(h.url("/v1/agents/lead-quarterly-orchestrator/budget"))
+        .bearer_auth(CASE_LEAD_KEY)
+        .send()
+        .await
+        .unwrap();
+    let lead: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        lead["delegated"], "0.6",
+        "twenty live slices of $0.03: {lead}"
+    );
+    let committed: Decimal = ["spent", "reserved", "delegated", "available"]
+        .iter()
+        .map(|f| Decimal::from_str(lead[f].as_str().unwrap()).unwrap())
+        .sum();
+    assert_eq!(committed, Decimal::from(2200), "{lead}");
 }
