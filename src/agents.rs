@@ -394,6 +394,9 @@ impl Registry {
     /// change, new leads appear, and every live agent's manifest is recomputed from the
     /// new catalogue, parents first, each child narrowed to what its parent now holds.
     /// Refused, with nothing changed, if a lead would disappear or change its key.
+    ///
+    /// Limitation: a lead's key cannot be rotated by a reload; rotating it needs a
+    /// restart with the new `key_sha256`.
     pub fn apply_policy(
         &self,
         policy: &Policy,

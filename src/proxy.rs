@@ -223,7 +223,11 @@ async fn serve(
 }
 
 /// The reserve phase: holds the request's worst-case cost (every prompt byte a token,
-/// every allowed output token generated) against the agent's budget. A request that
+/// every allowed output token generated) against the agent's budget.
+///
+/// Limitation: images, audio and files are billed by the provider per item, not per
+/// byte of the request, so an `image_url` pointing elsewhere costs more prompt tokens
+/// than its bytes; such requests are reserved too low, and settle at their true cost. A request that
 /// does not fit is clamped to the output tokens that do, down to the policy's floor;
 /// below that it is refused. Returns the reservation and the output tokens it covers.
 async fn reserve(

@@ -6,7 +6,11 @@
 //! hands them over as the same bytes the provider sent (a `Bytes` sharing the read
 //! buffer, not a copy). Nothing waits: an event is forwarded as soon as it is framed
 //! and metered, and events that arrived in one read leave in one write, so a provider
-//! that bursts costs one syscall per burst rather than one per event. The relay settles exactly once: when the stream ends, when the provider
+//! that bursts costs one syscall per burst rather than one per event.
+//!
+//! Limitation: hyper's client hands the upstream body over in single chunks through a
+//! one-slot channel, so a provider that bursts one event per chunk still costs one
+//! write per event here (about 3 µs of CPU each; see docs/benchmarks.md). The relay settles exactly once: when the stream ends, when the provider
 //! breaks it off (the client then gets an SSE error event before the close), or in
 //! `Drop` when the client goes away, which also drops and so cancels the upstream
 //! request.

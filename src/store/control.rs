@@ -5,6 +5,11 @@
 //! a spawn's agent row and its decision record together, a termination's rows and
 //! records together, a lease before the amount it covers is spent. WAL mode with
 //! `synchronous = NORMAL` makes a commit survive a killed process.
+//!
+//! Limitation: with `synchronous = NORMAL` a commit is not fsynced, so a power cut or
+//! kernel crash (not a killed process) can lose the last commits: a spawn that was
+//! acknowledged may be missing, and a lease may be lower than what was spent. `FULL`
+//! would close that at the cost of an fsync per spawn and per lease extension.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
