@@ -121,6 +121,12 @@ impl Agent {
         Arc::clone(&self.manifest.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Puts the agent in quarantine: it is refused from now on.
+    pub fn quarantine(&self) {
+        self.trust
+            .store(TrustLevel::Quarantined as u8, Ordering::Relaxed);
+    }
+
     fn set_manifest(&self, manifest: Manifest) {
         *self.manifest.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(manifest);
     }
@@ -208,6 +214,13 @@ impl Registry {
         }
         for (&(agent, window), &leased) in &snapshot.leases {
             budgets.restore_lease(agent, window, leased);
+        }
+        let quarantined = registry
+            .all()
+            .into_iter()
+            .filter(|a| a.trust() == TrustLevel::Quarantined);
+        for agent in quarantined {
+            budgets.freeze(agent.key);
         }
         let mut ended: Vec<_> = registry
             .all()

@@ -97,6 +97,17 @@ impl Decision {
         }
     }
 
+    /// An agent was quarantined: refused, key revoked, budget frozen.
+    pub fn quarantine(actor: &str, agent: &Agent, reason: &str) -> Decision {
+        Decision {
+            kind: "quarantine",
+            actor: actor.to_owned(),
+            subject: agent.spiffe_id.to_string(),
+            details: json!({ "agent_id": agent.id, "reason": reason, "trust": "QUARANTINED" }),
+            at: SystemTime::now(),
+        }
+    }
+
     /// A new policy was put in force.
     pub fn policy_reload(actor: &str, source: &str, leads: usize) -> Decision {
         Decision {
@@ -151,6 +162,14 @@ impl DecisionLog {
     pub fn spawned(&self, agent: &AgentRow, decision: &Decision) -> Result<String, StoreError> {
         let seq = self.store.insert_agent(agent, Some(&decision.row()))?;
         Ok(evidence_id(seq.unwrap_or_default()))
+    }
+
+    /// Stores an agent's new trust level with the decision, together. Blocking.
+    pub fn trust_changed(&self, agent: &Agent, decision: &Decision) -> Result<String, StoreError> {
+        let seq = self
+            .store
+            .set_trust(agent.key, agent.trust().as_str(), &decision.row())?;
+        Ok(evidence_id(seq))
     }
 
     /// Appends one decision on its own. Blocking.

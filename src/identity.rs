@@ -39,7 +39,8 @@ impl Identities {
             agents: DashMap::new(),
             operator: parse_hash(operator_sha256)?,
         };
-        for agent in registry.all().into_iter().filter(|a| a.is_live()) {
+        let usable = |a: &Agent| a.is_live() && a.trust() != crate::agents::TrustLevel::Quarantined;
+        for agent in registry.all().into_iter().filter(|a| usable(a)) {
             identities.insert(agent);
         }
         Ok(identities)

@@ -455,6 +455,54 @@ pub async fn replace(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+/// Why an operator quarantines an agent.
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineRequest {
+    reason: Option<String>,
+}
+
+/// Quarantines an agent
+///
+/// Operator only. The agent is refused from now on: its key is revoked, its budget
+/// (and so its descendants' spending) is frozen, and it can spawn nothing. It ends
+/// only by termination.
+#[utoipa::path(post, path = "/v1/agents/{id}/quarantine", tag = "agents",
+    params(("id" = String, Path, description = "Agent id, SPIFFE ID or name")),
+    request_body(content = Option<QuarantineRequest>),
+    responses((status = 200, body = AgentView), (status = 404, body = ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn quarantine(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    app.identities.authenticate_operator(&headers)?;
+    let agent = find(&app, &id)?;
+    let body = crate::proxy::read_body(body, app.limits.max_body_bytes).await?;
+    let asked: QuarantineRequest = match body.is_empty() {
+        true => QuarantineRequest::default(),
+        false => serde_json::from_slice(&body).map_err(ApiError::from_json)?,
+    };
+
+    agent.quarantine();
+    app.identities.revoke(&agent);
+    app.budgets.freeze(agent.key);
+    let reason = asked.reason.unwrap_or_else(|| "operator action".into());
+    let decision = Decision::quarantine("operator", &agent, &reason);
+    let (decisions, stored) = (app.decisions.clone(), Arc::clone(&agent));
+    let evidence = tokio::task::spawn_blocking(move || decisions.trust_changed(&stored, &decision))
+        .await
+        .map_err(|e| ApiError::Internal(format!("quarantine: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("quarantine not recorded: {e}")))?;
+    tracing::info!(agent.id = %agent.spiffe_id, reason = %reason, "agent quarantined");
+
+    let mut view = AgentView::of(&app, &agent);
+    view.evidence_id = Some(evidence);
+    Ok(Json(view).into_response())
+}
+
 /// Reloads the policy
 ///
 /// Reads the policy file again and, if it is valid, puts it in force; otherwise the

@@ -16,6 +16,7 @@ use super::control;
         control::budget,
         control::terminate,
         control::replace,
+        control::quarantine,
         control::reload,
     ),
     modifiers(&BearerKeys),

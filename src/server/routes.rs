@@ -35,6 +35,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/agents/{id}/budget", get(control::budget))
         .route("/v1/agents/{id}/replace", post(control::replace))
+        .route("/v1/agents/{id}/quarantine", post(control::quarantine))
         .route("/v1/policy/reload", post(control::reload))
         .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics))

@@ -228,6 +228,24 @@ impl ControlStore {
         Ok(seqs)
     }
 
+    /// Changes an agent's stored trust level with the decision that changed it.
+    pub fn set_trust(
+        &self,
+        key: AgentKey,
+        trust: &str,
+        decision: &DecisionRow,
+    ) -> Result<i64, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE agents SET trust = ?2 WHERE key = ?1",
+            params![key as i64, trust],
+        )?;
+        let seq = append(&tx, decision)?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
     /// Appends one decision record.
     pub fn record(&self, decision: &DecisionRow) -> Result<i64, StoreError> {
         let mut conn = self.lock();

@@ -492,3 +492,71 @@ async fn openapi_document_describes_the_control_plane() {
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
+
+/// A quarantined agent is refused at once, cannot spawn, and its parent carries on.
+#[tokio::test]
+async fn quarantine_refuses_the_agent_alone() {
+    let h = Harness::start().await;
+    let (_, child) = spawn(
+        &h,
+        CASE_LEAD_KEY,
+        spawn_body(
+            "lead-quarterly-orchestrator",
+            "data-fetcher-03",
+            "50.00",
+            &["models.small"],
+            "72h",
+        ),
+    )
+    .await;
+    let path = format!("/v1/agents/{}/quarantine", child["id"].as_str().unwrap());
+
+    let (status, _) = call(
+        &h,
+        reqwest::Method::POST,
+        &path,
+        CASE_LEAD_KEY,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 403, "only the operator quarantines");
+    let (status, view) = call(
+        &h,
+        reqwest::Method::POST,
+        &path,
+        OPERATOR_KEY,
+        Some(json!({"reason": "retry loop"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["trust"]["level"], "QUARANTINED");
+    assert_eq!(
+        h.decisions("quarantine", child["spiffe_id"].as_str()).len(),
+        1
+    );
+
+    let chat = json!({"model": "mock-small", "messages": [{"role": "user", "content": "hi"}]});
+    for (key, status) in [
+        (child["api_key"].as_str().unwrap(), 401),
+        (CASE_LEAD_KEY, 200),
+    ] {
+        let response = reqwest::Client::new()
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .body(chat.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+    }
+
+    let under = spawn_body("data-fetcher-03", "helper", "1.00", &["models.small"], "1h");
+    let (status, error) = spawn(&h, OPERATOR_KEY, under).await;
+    assert_eq!((status, error_of(&error).1), (409, "parent_unavailable"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("quarantined")
+    );
+}
