@@ -27,6 +27,7 @@ pub mod config;
 pub mod decisions;
 pub mod error;
 pub mod identity;
+pub mod ledger;
 pub mod metering;
 pub mod policy;
 pub mod proxy;

@@ -1,0 +1,227 @@
+//! The evidence ledger: every decision as an append-only entry, hash-chained and
+//! signed, verifiable offline with nothing but the public key.
+//!
+//! An entry is one JSON object in its RFC 8785 canonical encoding:
+//!
+//! ```text
+//! {"actor":..,"details":{..},"kind":..,"prev":"<hex SHA-256 of the previous entry>",
+//!  "seq":N,"subject":..,"time":"<RFC 3339>"}
+//! ```
+//!
+//! Its hash is the SHA-256 of those bytes, and its signature an Ed25519 signature over
+//! the same bytes. Changing a byte breaks the hash and the signature; deleting or
+//! reordering entries breaks the sequence and the `prev` chain; a forged entry fails
+//! the signature. The signing key is created on first start, kept with mode 0600 next
+//! to the database, and its public key written beside it and served over HTTP.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// The `prev` of the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+const SIGNING_KEY_FILE: &str = "ledger-signing.key";
+const PUBLIC_KEY_FILE: &str = "ledger-public.key";
+
+/// Why the ledger key could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a hex Ed25519 key of 32 bytes")]
+    Malformed { path: PathBuf },
+}
+
+/// The ledger's signing key.
+pub struct Signer {
+    key: SigningKey,
+}
+
+impl Signer {
+    /// Loads the signing key from `data_dir`, creating it (mode 0600) and writing the
+    /// public key beside it on first start.
+    pub fn load_or_create(data_dir: &Path) -> Result<Signer, KeyError> {
+        let path = data_dir.join(SIGNING_KEY_FILE);
+        let io = |source| KeyError::Io {
+            path: path.clone(),
+            source,
+        };
+
+        let key = match std::fs::read_to_string(&path) {
+            Ok(text) => parse_key(&text).ok_or_else(|| KeyError::Malformed { path: path.clone() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key(&path).map_err(io)?,
+            Err(e) => return Err(io(e)),
+        };
+        let signer = Signer {
+            key: SigningKey::from_bytes(&key),
+        };
+
+        let public = data_dir.join(PUBLIC_KEY_FILE);
+        std::fs::write(&public, format!("{}\n", signer.public_key_hex())).map_err(|source| KeyError::Io {
+            path: public,
+            source,
+        })?;
+        Ok(signer)
+    }
+
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// A short id of the public key: the first 8 bytes of its SHA-256, in hex.
+    pub fn key_id(&self) -> String {
+        key_id(&self.key.verifying_key())
+    }
+
+    /// Seals `entry` (whose `seq` and `prev` are set) into its stored form.
+    pub fn seal(&self, entry: &Entry) -> Sealed {
+        let canonical = canonical(entry);
+        let hash = hex::encode(Sha256::digest(canonical.as_bytes()));
+        let signature = hex::encode(self.key.sign(canonical.as_bytes()).to_bytes());
+        Sealed {
+            canonical,
+            hash,
+            signature,
+            key_id: self.key_id(),
+        }
+    }
+}
+
+fn key_id(key: &VerifyingKey) -> String {
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
+}
+
+fn parse_key(text: &str) -> Option<[u8; 32]> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key).ok()?;
+    Some(key)
+}
+
+fn create_key(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
+    file.sync_all()?;
+    Ok(key)
+}
+
+/// One ledger entry before it is sealed.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Entry {
+    pub seq: u64,
+    /// RFC 3339, milliseconds, UTC.
+    pub time: String,
+    pub kind: String,
+    pub actor: String,
+    pub subject: String,
+    pub details: serde_json::Value,
+    /// The hash of the previous entry, [`GENESIS`] for the first.
+    pub prev: String,
+}
+
+/// An entry as stored: its canonical bytes, hash and signature.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    pub canonical: String,
+    pub hash: String,
+    pub signature: String,
+    pub key_id: String,
+}
+
+/// The RFC 8785 canonical encoding of an entry.
+pub fn canonical(entry: &Entry) -> String {
+    serde_json_canonicalizer::to_string(entry).expect("an entry of JSON values always serializes")
+}
+
+/// A stored entry, as `verify` reads it.
+#[derive(Debug, Clone)]
+pub struct StoredEntry {
+    pub seq: u64,
+    pub canonical: String,
+    pub hash: String,
+    pub signature: String,
+    pub key_id: String,
+}
+
+/// The first thing wrong with a ledger.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("entry {seq}: {why}")]
+pub struct Broken {
+    /// The sequence number of the first bad entry (the stored one, or the expected
+    /// one when an entry is missing).
+    pub seq: u64,
+    pub why: String,
+}
+
+/// Checks every entry in order: sequence, encoding, chain, hash and signature.
+/// Returns how many entries were verified.
+pub fn verify(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Result<u64, Broken> {
+    let mut prev = GENESIS.to_owned();
+    for (index, stored) in entries.iter().enumerate() {
+        let expected = index as u64 + 1;
+        let broken = |why: String| Broken { seq: stored.seq, why };
+        if stored.seq != expected {
+            return Err(Broken {
+                seq: expected,
+                why: format!("missing or out of order: found entry {} instead", stored.seq),
+            });
+        }
+
+        let entry: Entry = serde_json::from_str(&stored.canonical)
+            .map_err(|e| broken(format!("not a ledger entry: {e}")))?;
+        if canonical(&entry) != stored.canonical {
+            return Err(broken("not in canonical (RFC 8785) encoding".into()));
+        }
+        if entry.seq != stored.seq {
+            return Err(broken(format!("claims sequence number {}", entry.seq)));
+        }
+        if entry.prev != prev {
+            return Err(broken("does not chain to the previous entry".into()));
+        }
+        let hash = hex::encode(Sha256::digest(stored.canonical.as_bytes()));
+        if hash != stored.hash {
+            return Err(broken("its hash does not match its content".into()));
+        }
+        check_signature(stored, keys).map_err(broken)?;
+        prev = hash;
+    }
+    Ok(entries.len() as u64)
+}
+
+fn check_signature(stored: &StoredEntry, keys: &[VerifyingKey]) -> Result<(), String> {
+    let key = keys
+        .iter()
+        .find(|k| key_id(k) == stored.key_id)
+        .ok_or_else(|| format!("signed by unknown key {}", stored.key_id))?;
+    let mut bytes = [0u8; 64];
+    hex::decode_to_slice(&stored.signature, &mut bytes).map_err(|_| "malformed signature".to_owned())?;
+    key.verify_strict(stored.canonical.as_bytes(), &Signature::from_bytes(&bytes))
+        .map_err(|_| "signature does not verify".to_owned())
+}
+
+/// Reads a public key file (hex).
+pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bytes = parse_key(&text).ok_or_else(|| KeyError::Malformed { path: path.to_path_buf() })?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::Malformed { path: path.to_path_buf() })
+}
+
+#[cfg(test)]
+mod tests;

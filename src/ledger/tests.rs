@@ -1,0 +1,159 @@
+use super::*;
+
+fn signer(seed: u8) -> Signer {
+    Signer {
+        key: SigningKey::from_bytes(&[seed; 32]),
+    }
+}
+
+/// A chain of `n` sealed entries.
+fn chain(signer: &Signer, n: u64) -> Vec<StoredEntry> {
+    let mut prev = GENESIS.to_owned();
+    (1..=n)
+        .map(|seq| {
+            let entry = Entry {
+                seq,
+                time: "2026-12-03T00:00:00.000Z".into(),
+                kind: "spawn".into(),
+                actor: "spiffe://t/agent/x/lead".into(),
+                subject: format!("spiffe://t/agent/x/child-{seq}"),
+                details: serde_json::json!({"slice_usd": "50", "scopes": ["a.read"]}),
+                prev: prev.clone(),
+            };
+            let sealed = signer.seal(&entry);
+            prev = sealed.hash.clone();
+            StoredEntry {
+                seq,
+                canonical: sealed.canonical,
+                hash: sealed.hash,
+                signature: sealed.signature,
+                key_id: sealed.key_id,
+            }
+        })
+        .collect()
+}
+
+fn public(signer: &Signer) -> Vec<VerifyingKey> {
+    vec![signer.key.verifying_key()]
+}
+
+#[test]
+fn an_untouched_ledger_verifies() {
+    let signer = signer(7);
+    assert_eq!(verify(&chain(&signer, 5), &public(&signer)), Ok(5));
+}
+
+#[test]
+fn tampering_is_caught_at_the_first_bad_entry() {
+    let signer = signer(7);
+    let keys = public(&signer);
+    let good = chain(&signer, 5);
+    let first_bad = |entries: &[StoredEntry]| verify(entries, &keys).unwrap_err().seq;
+
+    let mut byte = good.clone();
+    byte[2].canonical = byte[2].canonical.replace("child-3", "child-9");
+    assert_eq!(first_bad(&byte), 3, "one byte changed");
+
+    let mut deleted = good.clone();
+    deleted.remove(2);
+    assert_eq!(first_bad(&deleted), 3, "an entry deleted");
+
+    let mut reordered = good.clone();
+    reordered.swap(1, 2);
+    assert_eq!(first_bad(&reordered), 2, "two entries swapped");
+
+    let mut swapped = good.clone();
+    let signature = swapped[1].signature.clone();
+    swapped[1].signature = swapped[2].signature.clone();
+    swapped[2].signature = signature;
+    let err = verify(&swapped, &keys).unwrap_err();
+    assert_eq!((err.seq, err.why.as_str()), (2, "signature does not verify"));
+
+    let forger = self::signer(9);
+    let mut forged = good.clone();
+    let mut extra = chain(&forger, 6).pop().unwrap();
+    let entry = Entry {
+        prev: good[4].hash.clone(),
+        ..serde_json::from_str(&extra.canonical).unwrap()
+    };
+    let sealed = forger.seal(&entry);
+    extra.canonical = sealed.canonical;
+    extra.hash = sealed.hash;
+    extra.signature = sealed.signature;
+    forged.push(extra);
+    let err = verify(&forged, &keys).unwrap_err();
+    assert_eq!(err.seq, 6);
+    assert!(err.why.contains("unknown key"), "{}", err.why);
+
+    let mut resigned = good.clone();
+    resigned[3].key_id = good[3].key_id.clone();
+    resigned[3].signature = forger.seal(&serde_json::from_str(&good[3].canonical).unwrap()).signature;
+    assert_eq!(first_bad(&resigned), 4, "a signature by another key under this key's id");
+}
+
+#[test]
+fn non_canonical_encoding_is_refused() {
+    let signer = signer(7);
+    let mut entries = chain(&signer, 1);
+    entries[0].canonical = entries[0].canonical.replacen('{', "{ ", 1);
+    let err = verify(&entries, &public(&signer)).unwrap_err();
+    assert!(err.why.contains("canonical"), "{}", err.why);
+}
+
+/// RFC 8032, section 7.1, tests 1 and 2.
+#[test]
+fn ed25519_matches_rfc_8032() {
+    let vectors = [
+        (
+            "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+            "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+            "",
+            "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+        ),
+        (
+            "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
+            "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+            "72",
+            "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+        ),
+    ];
+    for (secret, public, message, signature) in vectors {
+        let key = SigningKey::from_bytes(&parse_key(secret).unwrap());
+        assert_eq!(hex::encode(key.verifying_key().as_bytes()), public);
+        let message = hex::decode(message).unwrap();
+        let signed = key.sign(&message);
+        assert_eq!(hex::encode(signed.to_bytes()), signature);
+        assert!(key.verifying_key().verify_strict(&message, &signed).is_ok());
+    }
+}
+
+/// RFC 8785, section 3.2.2: the canonical form of its example object.
+#[test]
+fn canonical_json_matches_rfc_8785() {
+    let input = r#"{
+        "numbers": [333333333.33333329, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],
+        "string": "\u20ac$\u000F\u000aA'\u0042\u0022\u005c\\\"\/",
+        "literals": [null, true, false]
+    }"#;
+    let value: serde_json::Value = serde_json::from_str(input).unwrap();
+    let expected = r#"{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],"string":"€$\u000f\nA'B\"\\\\\"/"}"#;
+    assert_eq!(serde_json_canonicalizer::to_string(&value).unwrap(), expected);
+}
+
+#[test]
+fn the_signing_key_is_created_private_and_kept() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = std::env::temp_dir().join(format!("warden-ledger-key-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let first = Signer::load_or_create(&dir).unwrap();
+    let mode = std::fs::metadata(dir.join(SIGNING_KEY_FILE)).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again = Signer::load_or_create(&dir).unwrap();
+    assert_eq!(first.public_key_hex(), again.public_key_hex());
+    let exported = read_public_key(&dir.join(PUBLIC_KEY_FILE)).unwrap();
+    assert_eq!(hex::encode(exported.as_bytes()), first.public_key_hex());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
