@@ -137,7 +137,8 @@ fn bench_admission(c: &mut Criterion) {
     let budgets = Budgets::new(Arc::new(SystemClock));
     let data = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
     let store = Store::open(&data).unwrap();
-    let control = ControlStore::open(&store).unwrap();
+    let signer = warden::ledger::Signer::load_or_create(&data).unwrap();
+    let control = ControlStore::open(&store, signer).unwrap();
     let registry = Registry::restore(&config.policy, &budgets, &control).unwrap();
     let identities = Identities::new(&config.operator.key_sha256, &registry).unwrap();
     let routes = Routes::new(&config, 1).unwrap();

@@ -1,9 +1,9 @@
 //! Decisions: every delegation decision (spawn, termination, ...) as one record,
 //! written through one interface before the decision is acknowledged.
 //!
-//! Records go to the control store's `decisions` table, in order, each with a sequence
-//! number that is its evidence id, in the same transaction as the state change they
-//! describe. The evidence ledger signs and chains these same records.
+//! Records go to the evidence ledger (see `ledger`) in the control store, in order, each
+//! with a sequence number that is its evidence id, signed and chained, in the same
+//! transaction as the state change they describe.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -133,11 +133,11 @@ impl Decision {
 
     fn row(&self) -> DecisionRow {
         DecisionRow {
-            at_ms: crate::server::unix_ms(self.at),
+            time: humantime::format_rfc3339_millis(self.at).to_string(),
             kind: self.kind,
             actor: self.actor.clone(),
             subject: self.subject.clone(),
-            details: self.details.to_string(),
+            details: self.details.clone(),
         }
     }
 }

@@ -55,7 +55,9 @@ impl Signer {
         };
 
         let key = match std::fs::read_to_string(&path) {
-            Ok(text) => parse_key(&text).ok_or_else(|| KeyError::Malformed { path: path.clone() })?,
+            Ok(text) => {
+                parse_key(&text).ok_or_else(|| KeyError::Malformed { path: path.clone() })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key(&path).map_err(io)?,
             Err(e) => return Err(io(e)),
         };
@@ -64,9 +66,11 @@ impl Signer {
         };
 
         let public = data_dir.join(PUBLIC_KEY_FILE);
-        std::fs::write(&public, format!("{}\n", signer.public_key_hex())).map_err(|source| KeyError::Io {
-            path: public,
-            source,
+        std::fs::write(&public, format!("{}\n", signer.public_key_hex())).map_err(|source| {
+            KeyError::Io {
+                path: public,
+                source,
+            }
         })?;
         Ok(signer)
     }
@@ -173,11 +177,17 @@ pub fn verify(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Result<u64, Bro
     let mut prev = GENESIS.to_owned();
     for (index, stored) in entries.iter().enumerate() {
         let expected = index as u64 + 1;
-        let broken = |why: String| Broken { seq: stored.seq, why };
+        let broken = |why: String| Broken {
+            seq: stored.seq,
+            why,
+        };
         if stored.seq != expected {
             return Err(Broken {
                 seq: expected,
-                why: format!("missing or out of order: found entry {} instead", stored.seq),
+                why: format!(
+                    "missing or out of order: found entry {} instead",
+                    stored.seq
+                ),
             });
         }
 
@@ -208,9 +218,44 @@ fn check_signature(stored: &StoredEntry, keys: &[VerifyingKey]) -> Result<(), St
         .find(|k| key_id(k) == stored.key_id)
         .ok_or_else(|| format!("signed by unknown key {}", stored.key_id))?;
     let mut bytes = [0u8; 64];
-    hex::decode_to_slice(&stored.signature, &mut bytes).map_err(|_| "malformed signature".to_owned())?;
+    hex::decode_to_slice(&stored.signature, &mut bytes)
+        .map_err(|_| "malformed signature".to_owned())?;
     key.verify_strict(stored.canonical.as_bytes(), &Signature::from_bytes(&bytes))
         .map_err(|_| "signature does not verify".to_owned())
+}
+
+/// One line of `warden ledger export`: an entry as stored, with its content as JSON.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ExportLine {
+    pub seq: u64,
+    pub entry: serde_json::Value,
+    pub hash: String,
+    pub signature: String,
+    pub key_id: String,
+}
+
+impl ExportLine {
+    pub fn of(stored: &StoredEntry) -> ExportLine {
+        ExportLine {
+            seq: stored.seq,
+            entry: serde_json::from_str(&stored.canonical).unwrap_or(serde_json::Value::Null),
+            hash: stored.hash.clone(),
+            signature: stored.signature.clone(),
+            key_id: stored.key_id.clone(),
+        }
+    }
+
+    /// Back to the stored form: the entry re-encoded canonically, which is exactly
+    /// what was signed if the export is intact.
+    pub fn stored(&self) -> StoredEntry {
+        StoredEntry {
+            seq: self.seq,
+            canonical: serde_json_canonicalizer::to_string(&self.entry).unwrap_or_default(),
+            hash: self.hash.clone(),
+            signature: self.signature.clone(),
+            key_id: self.key_id.clone(),
+        }
+    }
 }
 
 /// Reads a public key file (hex).
@@ -219,8 +264,12 @@ pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let bytes = parse_key(&text).ok_or_else(|| KeyError::Malformed { path: path.to_path_buf() })?;
-    VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::Malformed { path: path.to_path_buf() })
+    let bytes = parse_key(&text).ok_or_else(|| KeyError::Malformed {
+        path: path.to_path_buf(),
+    })?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::Malformed {
+        path: path.to_path_buf(),
+    })
 }
 
 #[cfg(test)]

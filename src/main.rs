@@ -20,6 +20,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Work with the evidence ledger offline.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Run the proxy (the default when no command is given).
     Serve {
         /// Configuration file; without it Warden runs on its embedded default.
@@ -31,11 +36,37 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Verify every entry: encoding, sequence, chain and signatures. Exits non-zero
+    /// and names the first bad entry if anything is wrong.
+    Verify {
+        /// The SQLite database.
+        #[arg(long, default_value = "data/warden.db", conflicts_with = "jsonl")]
+        db: PathBuf,
+        /// An exported JSON-lines file instead of the database.
+        #[arg(long)]
+        jsonl: Option<PathBuf>,
+        /// The public key(s) entries may be signed with.
+        #[arg(long = "public-key", default_value = "data/ledger-public.key")]
+        public_keys: Vec<PathBuf>,
+    },
+    /// Write every entry as JSON lines.
+    Export {
+        #[arg(long, default_value = "data/warden.db")]
+        db: PathBuf,
+        /// Output file; standard output when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
     warden::telemetry::init_tracing();
     let cli = Cli::parse();
     let (config, listen) = match cli.command {
         Some(Command::Serve { config, listen }) => (config, listen),
+        Some(Command::Ledger { command }) => return ledger(command),
         None => (None, None),
     };
 
@@ -62,6 +93,81 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
 
     server.run(shutdown_signal())?;
     Ok(())
+}
+
+fn ledger(command: LedgerCommand) -> ExitCode {
+    match run_ledger(command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("warden ledger: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
+    use warden::ledger::{self, ExportLine};
+
+    match command {
+        LedgerCommand::Verify {
+            db,
+            jsonl,
+            public_keys,
+        } => {
+            let keys = public_keys
+                .iter()
+                .map(|p| ledger::read_public_key(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let entries = match jsonl {
+                Some(path) => read_export(&path)?,
+                None => read_db(&db)?,
+            };
+            match ledger::verify(&entries, &keys) {
+                Ok(n) => {
+                    println!("ledger ok: {n} entries verified");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(broken) => {
+                    println!("ledger broken: {broken}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        LedgerCommand::Export { db, out } => {
+            let mut text = String::new();
+            for entry in read_db(&db)? {
+                text.push_str(&serde_json::to_string(&ExportLine::of(&entry))?);
+                text.push('\n');
+            }
+            match out {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn read_db(path: &std::path::Path) -> anyhow::Result<Vec<warden::ledger::StoredEntry>> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let conn = rusqlite::Connection::open_with_flags(path, flags)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(warden::store::control::read_ledger(&conn)?)
+}
+
+fn read_export(path: &std::path::Path) -> anyhow::Result<Vec<warden::ledger::StoredEntry>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(n, line)| {
+            let line: warden::ledger::ExportLine = serde_json::from_str(line)
+                .with_context(|| format!("line {} is not a ledger entry", n + 1))?;
+            Ok(line.stored())
+        })
+        .collect()
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -41,6 +41,7 @@ use crate::budget::{Budgets, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::decisions::DecisionLog;
 use crate::identity::Identities;
+use crate::ledger::{KeyError, Signer};
 use crate::policy::Policy;
 use crate::proxy::Routes;
 use crate::store::control::ControlStore;
@@ -54,6 +55,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("ledger key: {0}")]
+    LedgerKey(#[from] KeyError),
     #[error("restoring agents: {0}")]
     Restore(#[from] crate::agents::RestoreError),
     #[error("upstream: {0}")]
@@ -152,7 +155,8 @@ impl Server {
             n => n,
         };
 
-        let control = Arc::new(ControlStore::open(&store)?);
+        let signer = Signer::load_or_create(&config.server.data_dir)?;
+        let control = Arc::new(ControlStore::open(&store, signer)?);
         let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
         let registry = Registry::restore(&config.policy, &budgets, &control)?;
         let app = App {

@@ -67,7 +67,10 @@ fn tampering_is_caught_at_the_first_bad_entry() {
     swapped[1].signature = swapped[2].signature.clone();
     swapped[2].signature = signature;
     let err = verify(&swapped, &keys).unwrap_err();
-    assert_eq!((err.seq, err.why.as_str()), (2, "signature does not verify"));
+    assert_eq!(
+        (err.seq, err.why.as_str()),
+        (2, "signature does not verify")
+    );
 
     let forger = self::signer(9);
     let mut forged = good.clone();
@@ -87,8 +90,14 @@ fn tampering_is_caught_at_the_first_bad_entry() {
 
     let mut resigned = good.clone();
     resigned[3].key_id = good[3].key_id.clone();
-    resigned[3].signature = forger.seal(&serde_json::from_str(&good[3].canonical).unwrap()).signature;
-    assert_eq!(first_bad(&resigned), 4, "a signature by another key under this key's id");
+    resigned[3].signature = forger
+        .seal(&serde_json::from_str(&good[3].canonical).unwrap())
+        .signature;
+    assert_eq!(
+        first_bad(&resigned),
+        4,
+        "a signature by another key under this key's id"
+    );
 }
 
 #[test]
@@ -137,7 +146,10 @@ fn canonical_json_matches_rfc_8785() {
     }"#;
     let value: serde_json::Value = serde_json::from_str(input).unwrap();
     let expected = r#"{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],"string":"€$\u000f\nA'B\"\\\\\"/"}"#;
-    assert_eq!(serde_json_canonicalizer::to_string(&value).unwrap(), expected);
+    assert_eq!(
+        serde_json_canonicalizer::to_string(&value).unwrap(),
+        expected
+    );
 }
 
 #[test]
@@ -149,7 +161,10 @@ fn the_signing_key_is_created_private_and_kept() {
     std::fs::create_dir_all(&dir).unwrap();
 
     let first = Signer::load_or_create(&dir).unwrap();
-    let mode = std::fs::metadata(dir.join(SIGNING_KEY_FILE)).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.join(SIGNING_KEY_FILE))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let again = Signer::load_or_create(&dir).unwrap();
     assert_eq!(first.public_key_hex(), again.public_key_hex());

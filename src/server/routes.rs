@@ -38,6 +38,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/agents/{id}/quarantine", post(control::quarantine))
         .route("/v1/policy/reload", post(control::reload))
         .route("/openapi.json", get(openapi_json))
+        .route("/v1/ledger/public-key", get(ledger_public_key))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -192,6 +193,17 @@ async fn openapi_json() -> Response {
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// `GET /v1/ledger/public-key`: the key that verifies the evidence ledger.
+async fn ledger_public_key(State(app): AppState) -> Response {
+    let signer = app.control.signer();
+    Json(serde_json::json!({
+        "algorithm": "Ed25519",
+        "key_id": signer.key_id(),
+        "public_key": signer.public_key_hex(),
+    }))
+    .into_response()
 }
 
 /// `GET /healthz`: the process is up.

@@ -1,4 +1,4 @@
-//! The control store: agents, budget leases and decision records, written
+//! The control store: agents, budget leases and the evidence ledger, written
 //! synchronously (these are the facts a crash must not lose) on one connection.
 //!
 //! Each write is one transaction, committed before the caller acknowledges anything:
@@ -18,6 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError};
 use crate::budget::{AgentKey, Amount, LeaseStore};
+use crate::ledger::{Entry, GENESIS, Signer, StoredEntry};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS agents (
@@ -44,13 +45,14 @@ CREATE TABLE IF NOT EXISTS leases (
     leased_picos INTEGER NOT NULL,
     PRIMARY KEY (agent, window)
 );
-CREATE TABLE IF NOT EXISTS decisions (
-    seq     INTEGER PRIMARY KEY,
-    at_ms   INTEGER NOT NULL,
-    kind    TEXT    NOT NULL,
-    actor   TEXT    NOT NULL,
-    subject TEXT    NOT NULL,
-    details TEXT    NOT NULL
+CREATE TABLE IF NOT EXISTS ledger (
+    seq       INTEGER PRIMARY KEY,
+    entry     TEXT    NOT NULL,
+    hash      TEXT    NOT NULL,
+    signature TEXT    NOT NULL,
+    key_id    TEXT    NOT NULL,
+    kind      TEXT    NOT NULL,
+    subject   TEXT    NOT NULL
 );
 ";
 
@@ -75,14 +77,15 @@ pub struct AgentRow {
     pub end_reason: Option<String>,
 }
 
-/// One decision record, ready to append.
+/// One decision record, ready to append to the ledger.
 #[derive(Debug, Clone)]
 pub struct DecisionRow {
-    pub at_ms: i64,
+    /// RFC 3339 with milliseconds.
+    pub time: String,
     pub kind: &'static str,
     pub actor: String,
     pub subject: String,
-    pub details: String,
+    pub details: serde_json::Value,
 }
 
 /// What survived the last run.
@@ -96,15 +99,22 @@ pub struct Snapshot {
 
 pub struct ControlStore {
     conn: Mutex<Connection>,
+    /// Signs every ledger entry as it is appended.
+    signer: Signer,
 }
 
 impl ControlStore {
-    pub fn open(store: &Store) -> Result<ControlStore, StoreError> {
+    pub fn open(store: &Store, signer: Signer) -> Result<ControlStore, StoreError> {
         let conn = store.connection()?;
         conn.execute_batch(SCHEMA)?;
         Ok(ControlStore {
             conn: Mutex::new(conn),
+            signer,
         })
+    }
+
+    pub fn signer(&self) -> &Signer {
+        &self.signer
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -201,7 +211,7 @@ impl ControlStore {
                 agent.trust,
             ],
         )?;
-        let seq = decision.map(|d| append(&tx, d)).transpose()?;
+        let seq = decision.map(|d| append(&tx, &self.signer, d)).transpose()?;
         tx.commit()?;
         Ok(seq)
     }
@@ -222,7 +232,7 @@ impl ControlStore {
         }
         let seqs = decisions
             .iter()
-            .map(|d| append(&tx, d))
+            .map(|d| append(&tx, &self.signer, d))
             .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         Ok(seqs)
@@ -241,7 +251,7 @@ impl ControlStore {
             "UPDATE agents SET trust = ?2 WHERE key = ?1",
             params![key as i64, trust],
         )?;
-        let seq = append(&tx, decision)?;
+        let seq = append(&tx, &self.signer, decision)?;
         tx.commit()?;
         Ok(seq)
     }
@@ -250,24 +260,70 @@ impl ControlStore {
     pub fn record(&self, decision: &DecisionRow) -> Result<i64, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let seq = append(&tx, decision)?;
+        let seq = append(&tx, &self.signer, decision)?;
         tx.commit()?;
         Ok(seq)
     }
 }
 
-fn append(tx: &rusqlite::Transaction<'_>, decision: &DecisionRow) -> Result<i64, StoreError> {
+/// Every ledger entry in order, for verification and export.
+pub fn read_ledger(conn: &Connection) -> Result<Vec<StoredEntry>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT seq, entry, hash, signature, key_id FROM ledger ORDER BY seq")?;
+    let entries = stmt
+        .query_map([], |row| {
+            Ok(StoredEntry {
+                seq: row.get::<_, i64>(0)? as u64,
+                canonical: row.get(1)?,
+                hash: row.get(2)?,
+                signature: row.get(3)?,
+                key_id: row.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(entries)
+}
+
+/// Appends `decision` as the next ledger entry, chained to the last one and signed.
+/// The caller's transaction (and the store's lock) keeps appends in order.
+fn append(
+    tx: &rusqlite::Transaction<'_>,
+    signer: &Signer,
+    decision: &DecisionRow,
+) -> Result<i64, StoreError> {
+    let last: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let (seq, prev) = last.map_or((1, GENESIS.to_owned()), |(seq, hash)| (seq + 1, hash));
+
+    let entry = Entry {
+        seq: seq as u64,
+        time: decision.time.clone(),
+        kind: decision.kind.to_owned(),
+        actor: decision.actor.clone(),
+        subject: decision.subject.clone(),
+        details: decision.details.clone(),
+        prev,
+    };
+    let sealed = signer.seal(&entry);
     tx.execute(
-        "INSERT INTO decisions (at_ms, kind, actor, subject, details) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO ledger (seq, entry, hash, signature, key_id, kind, subject)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
-            decision.at_ms,
+            seq,
+            sealed.canonical,
+            sealed.hash,
+            sealed.signature,
+            sealed.key_id,
             decision.kind,
-            decision.actor,
-            decision.subject,
-            decision.details
+            decision.subject
         ],
     )?;
-    Ok(tx.last_insert_rowid())
+    Ok(seq)
 }
 
 impl LeaseStore for ControlStore {

@@ -191,13 +191,13 @@ impl Harness {
     pub fn decisions(&self, kind: &str, subject: Option<&str>) -> Vec<Value> {
         let db = rusqlite::Connection::open(self.database()).unwrap();
         let mut stmt = db
-            .prepare("SELECT details FROM decisions WHERE kind = ?1 AND (?2 IS NULL OR subject = ?2) ORDER BY seq")
+            .prepare("SELECT entry FROM ledger WHERE kind = ?1 AND (?2 IS NULL OR subject = ?2) ORDER BY seq")
             .unwrap();
         stmt.query_map(rusqlite::params![kind, subject], |row| {
             row.get::<_, String>(0)
         })
         .unwrap()
-        .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
+        .map(|entry| serde_json::from_str::<Value>(&entry.unwrap()).unwrap()["details"].clone())
         .collect()
     }
 }

@@ -8,6 +8,7 @@ mod budgets;
 mod chat;
 mod errors;
 mod fleet;
+mod ledger;
 mod lifecycle;
 mod other_endpoints;
 mod policy;
