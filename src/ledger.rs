@@ -258,6 +258,36 @@ impl ExportLine {
     }
 }
 
+/// An agent's chain of custody: each ancestor's spawn (the lead's first), then every
+/// entry about the agent itself, all in ledger order.
+pub fn custody(entries: &[StoredEntry], spiffe_id: &str) -> Vec<Entry> {
+    let parsed: Vec<Entry> = entries
+        .iter()
+        .filter_map(|e| serde_json::from_str(&e.canonical).ok())
+        .collect();
+
+    let spawn_of = |id: &str| {
+        parsed
+            .iter()
+            .find(|e| e.kind == "spawn" && e.subject == id)
+            .cloned()
+    };
+    let mut ancestors = Vec::new();
+    let mut next =
+        spawn_of(spiffe_id).and_then(|s| s.details["parent"].as_str().map(str::to_owned));
+    while let Some(parent) = next {
+        let Some(spawn) = spawn_of(&parent) else {
+            break;
+        };
+        next = spawn.details["parent"].as_str().map(str::to_owned);
+        ancestors.push(spawn);
+    }
+    ancestors.reverse();
+
+    ancestors.extend(parsed.iter().filter(|e| e.subject == spiffe_id).cloned());
+    ancestors
+}
+
 /// Reads a public key file (hex).
 pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {

@@ -51,6 +51,16 @@ enum LedgerCommand {
         #[arg(long = "public-key", default_value = "data/ledger-public.key")]
         public_keys: Vec<PathBuf>,
     },
+    /// An agent's chain of custody: its ancestors' spawns, its own spawn (what its
+    /// parent granted) and every decision about it since. Verifies the ledger first.
+    Custody {
+        /// The agent's SPIFFE ID.
+        spiffe_id: String,
+        #[arg(long, default_value = "data/warden.db")]
+        db: PathBuf,
+        #[arg(long = "public-key", default_value = "data/ledger-public.key")]
+        public_keys: Vec<PathBuf>,
+    },
     /// Write every entry as JSON lines.
     Export {
         #[arg(long, default_value = "data/warden.db")]
@@ -132,6 +142,30 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        LedgerCommand::Custody {
+            spiffe_id,
+            db,
+            public_keys,
+        } => {
+            let keys = public_keys
+                .iter()
+                .map(|p| ledger::read_public_key(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let entries = read_db(&db)?;
+            if let Err(broken) = ledger::verify(&entries, &keys) {
+                println!("ledger broken: {broken}");
+                return Ok(ExitCode::FAILURE);
+            }
+            let chain = ledger::custody(&entries, &spiffe_id);
+            if chain.is_empty() {
+                println!("no entries about {spiffe_id}");
+                return Ok(ExitCode::FAILURE);
+            }
+            for entry in chain {
+                println!("{}", serde_json::to_string(&entry)?);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         LedgerCommand::Export { db, out } => {
             let mut text = String::new();

@@ -81,3 +81,59 @@ async fn decisions_verify_offline_and_tampering_is_named() {
     assert!(!ok, "{out}");
     assert!(out.contains("entry 2"), "{out}");
 }
+
+/// A grandchild's custody shows the child's spawn (what the lead granted) and the
+/// grandchild's own spawn, in order, from a verified ledger.
+#[tokio::test]
+async fn custody_of_a_grandchild() {
+    let h = Harness::start().await;
+    let spawn = |key: String, parent: &'static str, name: &'static str, slice: &'static str| {
+        let url = h.url("/v1/agents");
+        async move {
+            let body = json!({"parent": parent, "name": name, "budget": {"daily_limit": slice},
+                "permissions": {"restrict_to": ["models.small"]}, "lifecycle": {"max_duration": "1h"}});
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(key)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+            serde_json::from_slice::<Value>(&response.bytes().await.unwrap()).unwrap()
+        }
+    };
+    let child = spawn(
+        CASE_LEAD_KEY.into(),
+        "lead-quarterly-orchestrator",
+        "reconciler",
+        "20.00",
+    )
+    .await;
+    let child_key = child["api_key"].as_str().unwrap().to_owned();
+    let grandchild = spawn(child_key, "reconciler", "checker", "2.00").await;
+
+    let db = h.database();
+    let key = db.with_file_name("ledger-public.key");
+    let id = grandchild["spiffe_id"].as_str().unwrap();
+    let (ok, out) = warden_ledger(&[
+        "custody",
+        id,
+        "--db",
+        db.to_str().unwrap(),
+        "--public-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let entries: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 2, "{out}");
+    assert_eq!(entries[0]["subject"], child["spiffe_id"]);
+    assert_eq!(entries[0]["actor"], CASE_LEAD_ID);
+    assert_eq!(entries[0]["details"]["slice_usd"], "20");
+    assert_eq!(entries[1]["subject"], id);
+    assert_eq!(entries[1]["details"]["parent"], child["spiffe_id"]);
+    assert!(entries[0]["seq"].as_u64() < entries[1]["seq"].as_u64());
+}
