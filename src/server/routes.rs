@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 use super::{App, control};
 use crate::error::ApiError;
 use crate::identity::Caller;
+use crate::ledger::ExportLine;
 use crate::proxy::{self, Endpoint};
 use crate::store::UsageReport;
+use crate::store::control::{LedgerQuery, query_ledger};
 
 type AppState = State<Arc<App>>;
 
@@ -39,6 +41,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/policy/reload", post(control::reload))
         .route("/openapi.json", get(openapi_json))
         .route("/v1/ledger/public-key", get(ledger_public_key))
+        .route("/v1/ledger", get(ledger_entries))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -193,6 +196,75 @@ async fn openapi_json() -> Response {
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[derive(Deserialize)]
+struct LedgerParams {
+    /// Entries about this agent (SPIFFE ID).
+    agent: Option<String>,
+    kind: Option<String>,
+    /// Entries at or after this time (unix seconds or RFC 3339).
+    since: Option<String>,
+    /// Entries after this sequence number: the `next_after` of the previous page.
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+/// `GET /v1/ledger` (operator): ledger entries by agent, kind and time, in pages.
+async fn ledger_entries(
+    State(app): AppState,
+    headers: HeaderMap,
+    query: Result<Query<LedgerParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    app.identities.authenticate_operator(&headers)?;
+    let Query(params) = query.map_err(|e| ApiError::InvalidField {
+        field: "query",
+        reason: e.body_text(),
+    })?;
+    let since = match &params.since {
+        Some(_) => Some(parse_since(params.since.as_deref())?),
+        None => None,
+    };
+    let limit = params.limit.clamp(1, 1000);
+
+    let store = app.store.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        let conn = store.connection()?;
+        let query = LedgerQuery {
+            subject: params.agent.as_deref(),
+            kind: params.kind.as_deref(),
+            after: params.after,
+            limit,
+        };
+        query_ledger(&conn, &query)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+
+    let next_after = (page.len() == limit)
+        .then(|| page.last().map(|e| e.seq))
+        .flatten();
+    let data: Vec<ExportLine> = page
+        .iter()
+        .map(ExportLine::of)
+        .filter(|line| since.is_none_or(|ms| entry_ms(&line.entry) >= ms))
+        .collect();
+    Ok(
+        Json(serde_json::json!({ "object": "list", "data": data, "next_after": next_after }))
+            .into_response(),
+    )
+}
+
+/// An entry's time in unix milliseconds.
+fn entry_ms(entry: &serde_json::Value) -> i64 {
+    entry["time"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// `GET /v1/ledger/public-key`: the key that verifies the evidence ledger.

@@ -266,6 +266,47 @@ impl ControlStore {
     }
 }
 
+/// Filters of a ledger query.
+#[derive(Debug, Default)]
+pub struct LedgerQuery<'a> {
+    /// Entries about this SPIFFE ID.
+    pub subject: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    /// Entries after this sequence number (for paging).
+    pub after: u64,
+    pub limit: usize,
+}
+
+/// Ledger entries matching `query`, in order.
+pub fn query_ledger(
+    conn: &Connection,
+    query: &LedgerQuery<'_>,
+) -> Result<Vec<StoredEntry>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, entry, hash, signature, key_id FROM ledger
+         WHERE seq > ?1 AND (?2 IS NULL OR subject = ?2) AND (?3 IS NULL OR kind = ?3)
+         ORDER BY seq LIMIT ?4",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            query.after as i64,
+            query.subject,
+            query.kind,
+            query.limit as i64
+        ],
+        |row| {
+            Ok(StoredEntry {
+                seq: row.get::<_, i64>(0)? as u64,
+                canonical: row.get(1)?,
+                hash: row.get(2)?,
+                signature: row.get(3)?,
+                key_id: row.get(4)?,
+            })
+        },
+    )?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Every ledger entry in order, for verification and export.
 pub fn read_ledger(conn: &Connection) -> Result<Vec<StoredEntry>, StoreError> {
     let mut stmt =

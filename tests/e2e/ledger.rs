@@ -137,3 +137,55 @@ async fn custody_of_a_grandchild() {
     assert_eq!(entries[1]["details"]["parent"], child["spiffe_id"]);
     assert!(entries[0]["seq"].as_u64() < entries[1]["seq"].as_u64());
 }
+
+/// `GET /v1/ledger` filters by agent and kind and pages by sequence number.
+#[tokio::test]
+async fn ledger_query_filters_and_pages() {
+    let h = Harness::start().await;
+    for n in 0..5 {
+        let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("worker-{n}"),
+            "budget": {"daily_limit": "1.00"}, "permissions": {"restrict_to": ["models.small"]}});
+        let response = reqwest::Client::new()
+            .post(h.url("/v1/agents"))
+            .bearer_auth(CASE_LEAD_KEY)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    let get = |query: String| {
+        let url = h.url(&format!("/v1/ledger?{query}"));
+        async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(OPERATOR_KEY)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            serde_json::from_slice::<Value>(&response.bytes().await.unwrap()).unwrap()
+        }
+    };
+
+    let first = get("kind=spawn&limit=3".into()).await;
+    assert_eq!(first["data"].as_array().unwrap().len(), 3);
+    let after = first["next_after"].as_u64().unwrap();
+    let rest = get(format!("kind=spawn&limit=3&after={after}")).await;
+    assert_eq!(rest["data"].as_array().unwrap().len(), 2);
+    assert!(rest["next_after"].is_null());
+
+    let one = get("agent=spiffe://e2e.test/agent/fintech/worker-3".into()).await;
+    let data = one["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0]["entry"]["kind"], "spawn");
+    assert_eq!(data[0]["hash"].as_str().unwrap().len(), 64);
+
+    let response = reqwest::Client::new()
+        .get(h.url("/v1/ledger"))
+        .bearer_auth(CASE_LEAD_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403, "operator only");
+}
