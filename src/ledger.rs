@@ -9,10 +9,15 @@
 //! ```
 //!
 //! Its hash is the SHA-256 of those bytes, and its signature an Ed25519 signature over
-//! the same bytes. Changing a byte breaks the hash and the signature; deleting or
+//! the same bytes. Every so often a signed checkpoint records the size of the ledger
+//! and the RFC 6962 Merkle tree hash of its entries so far ([`merkle`]), so that an
+//! inclusion proof can show one entry is in the ledger, and a ledger cut short after a
+//! checkpoint is caught. Changing a byte breaks the hash and the signature; deleting or
 //! reordering entries breaks the sequence and the `prev` chain; a forged entry fails
 //! the signature. The signing key is created on first start, kept with mode 0600 next
 //! to the database, and its public key written beside it and served over HTTP.
+
+pub mod merkle;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -82,6 +87,24 @@ impl Signer {
     /// A short id of the public key: the first 8 bytes of its SHA-256, in hex.
     pub fn key_id(&self) -> String {
         key_id(&self.key.verifying_key())
+    }
+
+    /// Signs a checkpoint over `entries` (the canonical bytes of entries 1..=n).
+    pub fn checkpoint(&self, entries: &[String], time: String) -> Checkpoint {
+        let leaves: Vec<_> = entries
+            .iter()
+            .map(|e| merkle::leaf_hash(e.as_bytes()))
+            .collect();
+        let root = hex::encode(merkle::root(&leaves));
+        let size = entries.len() as u64;
+        let message = checkpoint_message(size, &root, &time);
+        Checkpoint {
+            size,
+            root,
+            time,
+            key_id: self.key_id(),
+            signature: hex::encode(self.key.sign(message.as_bytes()).to_bytes()),
+        }
     }
 
     /// Seals `entry` (whose `seq` and `prev` are set) into its stored form.
@@ -222,6 +245,143 @@ fn check_signature(stored: &StoredEntry, keys: &[VerifyingKey]) -> Result<(), St
         .map_err(|_| "malformed signature".to_owned())?;
     key.verify_strict(stored.canonical.as_bytes(), &Signature::from_bytes(&bytes))
         .map_err(|_| "signature does not verify".to_owned())
+}
+
+/// A signed statement of the ledger's size and Merkle root at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub size: u64,
+    /// Hex RFC 6962 Merkle tree hash of entries 1..=size.
+    pub root: String,
+    pub time: String,
+    pub key_id: String,
+    pub signature: String,
+}
+
+/// What a checkpoint's signature covers.
+fn checkpoint_message(size: u64, root: &str, time: &str) -> String {
+    let message = serde_json::json!({ "root": root, "size": size, "time": time });
+    serde_json_canonicalizer::to_string(&message).expect("a checkpoint message always serializes")
+}
+
+fn check_checkpoint_signature(
+    checkpoint: &Checkpoint,
+    keys: &[VerifyingKey],
+) -> Result<(), String> {
+    let key = keys
+        .iter()
+        .find(|k| key_id(k) == checkpoint.key_id)
+        .ok_or_else(|| {
+            format!(
+                "checkpoint at {} signed by unknown key {}",
+                checkpoint.size, checkpoint.key_id
+            )
+        })?;
+    let mut bytes = [0u8; 64];
+    hex::decode_to_slice(&checkpoint.signature, &mut bytes)
+        .map_err(|_| format!("checkpoint at {}: malformed signature", checkpoint.size))?;
+    let message = checkpoint_message(checkpoint.size, &checkpoint.root, &checkpoint.time);
+    key.verify_strict(message.as_bytes(), &Signature::from_bytes(&bytes))
+        .map_err(|_| {
+            format!(
+                "checkpoint at {}: signature does not verify",
+                checkpoint.size
+            )
+        })
+}
+
+/// Checks every checkpoint against the (already verified) entries: each must be
+/// signed, no larger than the ledger, and cover exactly its entries' Merkle root.
+pub fn verify_checkpoints(
+    entries: &[StoredEntry],
+    checkpoints: &[Checkpoint],
+    keys: &[VerifyingKey],
+) -> Result<(), Broken> {
+    let leaves: Vec<_> = entries
+        .iter()
+        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
+        .collect();
+    for checkpoint in checkpoints {
+        let size = checkpoint.size as usize;
+        check_checkpoint_signature(checkpoint, keys).map_err(|why| Broken {
+            seq: checkpoint.size,
+            why,
+        })?;
+        if size > leaves.len() {
+            return Err(Broken {
+                seq: leaves.len() as u64 + 1,
+                why: format!(
+                    "missing: the checkpoint at {} covers it (the ledger was cut short)",
+                    checkpoint.size
+                ),
+            });
+        }
+        if hex::encode(merkle::root(&leaves[..size])) != checkpoint.root {
+            return Err(Broken {
+                seq: checkpoint.size,
+                why: "entries up to here do not match the checkpoint's Merkle root".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A proof that one entry is in the ledger a checkpoint covers.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct InclusionProof {
+    pub seq: u64,
+    /// The entry's canonical bytes.
+    pub entry: String,
+    pub checkpoint: Checkpoint,
+    /// Hex sibling hashes, leaf to root.
+    pub path: Vec<String>,
+}
+
+/// The inclusion proof of entry `seq` under `checkpoint` (which must cover it).
+pub fn prove(entries: &[StoredEntry], checkpoint: &Checkpoint, seq: u64) -> Option<InclusionProof> {
+    let size = checkpoint.size as usize;
+    if seq == 0 || seq > checkpoint.size || size > entries.len() {
+        return None;
+    }
+    let leaves: Vec<_> = entries[..size]
+        .iter()
+        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
+        .collect();
+    let path = merkle::inclusion_path(seq as usize - 1, &leaves);
+    Some(InclusionProof {
+        seq,
+        entry: entries[seq as usize - 1].canonical.clone(),
+        checkpoint: checkpoint.clone(),
+        path: path.iter().map(hex::encode).collect(),
+    })
+}
+
+/// Checks an inclusion proof with only the public key(s).
+pub fn verify_proof(proof: &InclusionProof, keys: &[VerifyingKey]) -> Result<(), String> {
+    check_checkpoint_signature(&proof.checkpoint, keys)?;
+    let decode = |text: &str| {
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(text, &mut hash)
+            .map(|_| hash)
+            .map_err(|_| format!("malformed hash {text}"))
+    };
+    let root = decode(&proof.checkpoint.root)?;
+    let path = proof
+        .path
+        .iter()
+        .map(|p| decode(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = merkle::leaf_hash(proof.entry.as_bytes());
+    let included =
+        merkle::verify_inclusion(&leaf, proof.seq - 1, proof.checkpoint.size, &path, &root);
+    if included {
+        Ok(())
+    } else {
+        Err(format!(
+            "entry {} is not in the ledger of checkpoint {}",
+            proof.seq, proof.checkpoint.size
+        ))
+    }
 }
 
 /// One line of `warden ledger export`: an entry as stored, with its content as JSON.

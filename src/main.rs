@@ -47,9 +47,18 @@ enum LedgerCommand {
         /// An exported JSON-lines file instead of the database.
         #[arg(long)]
         jsonl: Option<PathBuf>,
+        /// An inclusion proof from `warden ledger prove` instead of a ledger.
+        #[arg(long, conflicts_with_all = ["jsonl"])]
+        proof: Option<PathBuf>,
         /// The public key(s) entries may be signed with.
         #[arg(long = "public-key", default_value = "data/ledger-public.key")]
         public_keys: Vec<PathBuf>,
+    },
+    /// Print an inclusion proof of entry `seq` against the latest checkpoint covering it.
+    Prove {
+        seq: u64,
+        #[arg(long, default_value = "data/warden.db")]
+        db: PathBuf,
     },
     /// An agent's chain of custody: its ancestors' spawns, its own spawn (what its
     /// parent granted) and every decision about it since. Verifies the ledger first.
@@ -122,19 +131,30 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
         LedgerCommand::Verify {
             db,
             jsonl,
+            proof,
             public_keys,
         } => {
             let keys = public_keys
                 .iter()
                 .map(|p| ledger::read_public_key(p))
                 .collect::<Result<Vec<_>, _>>()?;
-            let entries = match jsonl {
-                Some(path) => read_export(&path)?,
-                None => read_db(&db)?,
+            if let Some(path) = proof {
+                return check_proof(&path, &keys);
+            }
+
+            let (entries, checkpoints) = match jsonl {
+                Some(path) => (read_export(&path)?, Vec::new()),
+                None => (read_db(&db)?, read_checkpoints(&db)?),
             };
-            match ledger::verify(&entries, &keys) {
+            let verified = ledger::verify(&entries, &keys).and_then(|n| {
+                ledger::verify_checkpoints(&entries, &checkpoints, &keys).map(|()| n)
+            });
+            match verified {
                 Ok(n) => {
-                    println!("ledger ok: {n} entries verified");
+                    println!(
+                        "ledger ok: {n} entries verified, {} checkpoints",
+                        checkpoints.len()
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(broken) => {
@@ -142,6 +162,17 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        LedgerCommand::Prove { seq, db } => {
+            let entries = read_db(&db)?;
+            let checkpoint = read_checkpoints(&db)?
+                .into_iter()
+                .find(|c| c.size >= seq)
+                .ok_or_else(|| anyhow::anyhow!("no checkpoint covers entry {seq} yet"))?;
+            let proof = ledger::prove(&entries, &checkpoint, seq)
+                .ok_or_else(|| anyhow::anyhow!("entry {seq} is not in the ledger"))?;
+            println!("{}", serde_json::to_string_pretty(&proof)?);
+            Ok(ExitCode::SUCCESS)
         }
         LedgerCommand::Custody {
             spiffe_id,
@@ -188,6 +219,36 @@ fn read_db(path: &std::path::Path) -> anyhow::Result<Vec<warden::ledger::StoredE
     let conn = rusqlite::Connection::open_with_flags(path, flags)
         .with_context(|| format!("opening {}", path.display()))?;
     Ok(warden::store::control::read_ledger(&conn)?)
+}
+
+fn read_checkpoints(path: &std::path::Path) -> anyhow::Result<Vec<warden::ledger::Checkpoint>> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let conn = rusqlite::Connection::open_with_flags(path, flags)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(warden::store::control::read_checkpoints(&conn)?)
+}
+
+fn check_proof(
+    path: &std::path::Path,
+    keys: &[ed25519_dalek::VerifyingKey],
+) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let proof: warden::ledger::InclusionProof = serde_json::from_str(&text)?;
+    match warden::ledger::verify_proof(&proof, keys) {
+        Ok(()) => {
+            let size = proof.checkpoint.size;
+            println!(
+                "proof ok: entry {} is in the ledger of checkpoint {size}",
+                proof.seq
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(why) => {
+            println!("proof broken: {why}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn read_export(path: &std::path::Path) -> anyhow::Result<Vec<warden::ledger::StoredEntry>> {

@@ -216,6 +216,7 @@ impl Server {
                 () = shutdown => {}
                 () = expire_agents(&self.app) => {}
                 () = reload_on_sighup(&self.app) => {}
+                () = checkpoint_ledger(&self.app) => {}
             }
         });
         self.app.draining.store(true, Ordering::Relaxed);
@@ -229,6 +230,21 @@ impl Server {
         self.usage_log.close();
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Signs a ledger checkpoint every ten seconds when entries were added, until shutdown.
+async fn checkpoint_ledger(app: &Arc<App>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        ticks.tick().await;
+        let control = Arc::clone(&app.control);
+        match tokio::task::spawn_blocking(move || control.checkpoint()).await {
+            Ok(Ok(Some(size))) => tracing::debug!(ledger.size = size, "ledger checkpoint signed"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "ledger checkpoint not stored"),
+            Err(e) => tracing::error!(error = %e, "ledger checkpoint task failed"),
+        }
     }
 }
 

@@ -172,3 +172,43 @@ fn the_signing_key_is_created_private_and_kept() {
     assert_eq!(hex::encode(exported.as_bytes()), first.public_key_hex());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn checkpoints_catch_a_ledger_cut_short_and_prove_inclusion() {
+    let signer = signer(7);
+    let keys = public(&signer);
+    let entries = chain(&signer, 10);
+    let canonicals: Vec<String> = entries[..8].iter().map(|e| e.canonical.clone()).collect();
+    let checkpoint = signer.checkpoint(&canonicals, "2026-12-03T00:00:00.000Z".into());
+    assert_eq!(
+        verify_checkpoints(&entries, std::slice::from_ref(&checkpoint), &keys),
+        Ok(())
+    );
+
+    let cut = &entries[..6];
+    assert_eq!(
+        verify(cut, &keys),
+        Ok(6),
+        "the chain alone cannot see a cut tail"
+    );
+    let err = verify_checkpoints(cut, std::slice::from_ref(&checkpoint), &keys).unwrap_err();
+    assert_eq!(err.seq, 7);
+    assert!(err.why.contains("cut short"), "{}", err.why);
+
+    for seq in 1..=8 {
+        let proof = prove(&entries, &checkpoint, seq).unwrap();
+        assert_eq!(verify_proof(&proof, &keys), Ok(()), "entry {seq}");
+    }
+    let mut forged = prove(&entries, &checkpoint, 3).unwrap();
+    forged.entry = entries[9].canonical.clone();
+    assert!(
+        verify_proof(&forged, &keys).is_err(),
+        "an entry outside the checkpoint"
+    );
+    let mut resigned = checkpoint.clone();
+    resigned.size = 9;
+    assert!(
+        verify_checkpoints(&entries, &[resigned], &keys).is_err(),
+        "a checkpoint altered"
+    );
+}

@@ -18,7 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError};
 use crate::budget::{AgentKey, Amount, LeaseStore};
-use crate::ledger::{Entry, GENESIS, Signer, StoredEntry};
+use crate::ledger::{Checkpoint, Entry, GENESIS, Signer, StoredEntry};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS agents (
@@ -53,6 +53,13 @@ CREATE TABLE IF NOT EXISTS ledger (
     key_id    TEXT    NOT NULL,
     kind      TEXT    NOT NULL,
     subject   TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size      INTEGER PRIMARY KEY,
+    root      TEXT    NOT NULL,
+    time      TEXT    NOT NULL,
+    key_id    TEXT    NOT NULL,
+    signature TEXT    NOT NULL
 );
 ";
 
@@ -256,6 +263,25 @@ impl ControlStore {
         Ok(seq)
     }
 
+    /// Signs a checkpoint over the whole ledger if entries were added since the last
+    /// one. Returns its size, if one was made.
+    pub fn checkpoint(&self) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let size: i64 =
+            tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM ledger", [], |r| r.get(0))?;
+        let covered: i64 =
+            tx.query_row("SELECT COALESCE(MAX(size), 0) FROM checkpoints", [], |r| {
+                r.get(0)
+            })?;
+        if size == covered {
+            return Ok(None);
+        }
+        insert_checkpoint(&tx, &self.signer, size)?;
+        tx.commit()?;
+        Ok(Some(size as u64))
+    }
+
     /// Appends one decision record.
     pub fn record(&self, decision: &DecisionRow) -> Result<i64, StoreError> {
         let mut conn = self.lock();
@@ -364,7 +390,54 @@ fn append(
             decision.subject
         ],
     )?;
+    if (seq as u64).is_multiple_of(CHECKPOINT_EVERY) {
+        insert_checkpoint(tx, signer, seq)?;
+    }
     Ok(seq)
+}
+
+/// A checkpoint is signed every this many entries (and on a timer in between).
+pub const CHECKPOINT_EVERY: u64 = 64;
+
+/// Signs and stores a checkpoint over entries 1..=size.
+///
+/// Limitation: the Merkle root is recomputed from every entry each time, so a
+/// checkpoint costs time linear in the ledger's length; caching the tree's frontier
+/// would make it logarithmic.
+fn insert_checkpoint(
+    tx: &rusqlite::Transaction<'_>,
+    signer: &Signer,
+    size: i64,
+) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached("SELECT entry FROM ledger WHERE seq <= ?1 ORDER BY seq")?;
+    let entries = stmt
+        .query_map([size], |row| row.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let checkpoint = signer.checkpoint(&entries, time);
+    tx.execute(
+        "INSERT OR REPLACE INTO checkpoints (size, root, time, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![size, checkpoint.root, checkpoint.time, checkpoint.key_id, checkpoint.signature],
+    )?;
+    Ok(())
+}
+
+/// Every checkpoint, smallest first.
+pub fn read_checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT size, root, time, key_id, signature FROM checkpoints ORDER BY size")?;
+    let checkpoints = stmt
+        .query_map([], |row| {
+            Ok(Checkpoint {
+                size: row.get::<_, i64>(0)? as u64,
+                root: row.get(1)?,
+                time: row.get(2)?,
+                key_id: row.get(3)?,
+                signature: row.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(checkpoints)
 }
 
 impl LeaseStore for ControlStore {

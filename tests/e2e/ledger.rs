@@ -189,3 +189,47 @@ async fn ledger_query_filters_and_pages() {
         .unwrap();
     assert_eq!(response.status(), 403, "operator only");
 }
+
+/// Every 64 entries a signed checkpoint covers the ledger's Merkle root: an entry's
+/// inclusion proof verifies against it, and cutting the ledger short is caught.
+#[tokio::test]
+async fn checkpoints_prove_inclusion_and_catch_truncation() {
+    let h = Harness::start().await;
+    for n in 0..65 {
+        let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("x-{n}"),
+            "budget": {"daily_limit": "1.00"}, "trust": {"initial_level": "TRUSTED"}});
+        let response = reqwest::Client::new()
+            .post(h.url("/v1/agents"))
+            .bearer_auth(CASE_LEAD_KEY)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "each refusal is a ledger entry");
+    }
+
+    let db = h.database();
+    let key = db.with_file_name("ledger-public.key");
+    let (db, key) = (db.to_str().unwrap(), key.to_str().unwrap());
+    let (ok, out) = warden_ledger(&["verify", "--db", db, "--public-key", key]);
+    assert!(
+        ok && out.contains("65 entries verified, 1 checkpoints"),
+        "{out}"
+    );
+
+    let (ok, proof) = warden_ledger(&["prove", "10", "--db", db]);
+    assert!(ok, "{proof}");
+    let proof_file = db.replace("warden.db", "proof-10.json");
+    std::fs::write(&proof_file, &proof).unwrap();
+    let (ok, out) = warden_ledger(&["verify", "--proof", &proof_file, "--public-key", key]);
+    assert!(
+        ok && out.contains("entry 10 is in the ledger of checkpoint 64"),
+        "{out}"
+    );
+
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.execute("DELETE FROM ledger WHERE seq > 60", [])
+        .unwrap();
+    let (ok, out) = warden_ledger(&["verify", "--db", db, "--public-key", key]);
+    assert!(!ok && out.contains("entry 61"), "{out}");
+}
