@@ -15,6 +15,7 @@ use rust_decimal::prelude::ToPrimitive;
 use serde::Deserialize;
 
 use crate::policy::Policy;
+use crate::sinks::SinkConfig;
 
 /// The embedded default configuration, used when no `--config` is given.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/warden.toml");
@@ -51,6 +52,8 @@ pub struct Config {
     pub policy: Policy,
     /// The policy file, for reloads; `None` for the embedded default.
     pub policy_path: Option<PathBuf>,
+    /// Where ledger entries are delivered.
+    pub sinks: Vec<SinkConfig>,
 }
 
 /// The `[server]` table: the listener, state directory and request limits.
@@ -154,6 +157,8 @@ struct ConfigFile {
     policy: Option<PathBuf>,
     #[serde(default)]
     providers: Vec<ProviderConfig>,
+    #[serde(default)]
+    sinks: Vec<SinkConfig>,
 }
 
 #[derive(Deserialize)]
@@ -208,6 +213,7 @@ impl Config {
             prices,
             policy,
             policy_path,
+            sinks: file.sinks,
         };
         config.validate()?;
         Ok(config)

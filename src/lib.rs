@@ -16,6 +16,8 @@
 //! - [`budget`]: every agent's limit, reservations before forwarding, settlement after.
 //! - [`metering`]: tokens and cost per event and per request, from provider usage or a
 //!   local upper bound.
+//! - [`ledger`]: the signed, hash-chained evidence ledger every decision goes to.
+//! - [`sinks`]: delivery of ledger entries to SIEM tooling, from durable cursors.
 //! - [`store`]: the SQLite database and the write-behind usage log.
 //! - [`telemetry`]: Prometheus metrics and tracing.
 //! - [`error`]: the one mapping from every error to an OpenAI-shaped response.
@@ -32,5 +34,6 @@ pub mod metering;
 pub mod policy;
 pub mod proxy;
 pub mod server;
+pub mod sinks;
 pub mod store;
 pub mod telemetry;

@@ -39,7 +39,7 @@ use crate::server::App;
 pub use relay::Relay;
 pub use request::{inspect, limit_output, rewrite, strip_tools};
 pub use settle::{Admitted, Outcome, Settlement};
-pub use upstream::{Provider, UpstreamSetupError, set_worker};
+pub use upstream::{Provider, UpstreamSetupError, set_worker, tls_config};
 
 /// The OpenAI endpoints Warden proxies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

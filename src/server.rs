@@ -136,6 +136,7 @@ impl RequestIds {
 /// A bound, not yet running, Warden.
 pub struct Server {
     app: Arc<App>,
+    sinks: Vec<crate::sinks::SinkConfig>,
     /// One listening socket per worker, all on the same address.
     listeners: Vec<std::net::TcpListener>,
     usage_log: UsageLog,
@@ -179,8 +180,10 @@ impl Server {
             draining: AtomicBool::new(false),
         };
 
+        crate::sinks::ensure_schema(&app.store)?;
         Ok(Server {
             app: Arc::new(app),
+            sinks: config.sinks.clone(),
             listeners: bind_listeners(config.server.listen, workers)?,
             usage_log,
             drain_timeout: config.server.drain_timeout,
@@ -212,6 +215,12 @@ impl Server {
             .build()
             .map_err(StartError::Thread)?;
         signals.block_on(async {
+            for config in self.sinks {
+                let lag = self.app.metrics.sink_lag.with_label_values(&[&config.name]);
+                let ledger = self.app.control.signer().key_id();
+                let sink = crate::sinks::Sink::new(config, self.app.store.clone(), ledger, lag);
+                tokio::spawn(sink.run());
+            }
             tokio::select! {
                 () = shutdown => {}
                 () = expire_agents(&self.app) => {}

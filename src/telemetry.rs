@@ -28,6 +28,8 @@ pub struct Metrics {
     pub open_streams: IntGauge,
     /// Usage records waiting to be written to SQLite.
     pub usage_backlog: IntGauge,
+    /// Ledger entries not yet acknowledged by each SIEM sink.
+    pub sink_lag: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -86,6 +88,15 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
 
+        let sink_lag = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "warden_sink_lag_entries",
+                "Ledger entries a SIEM sink has not acknowledged yet.",
+            ),
+            &["sink"],
+        )
+        .expect("static metric definition is valid");
+
         let metrics = Metrics {
             registry,
             requests,
@@ -96,13 +107,14 @@ impl Metrics {
             ttft,
             open_streams,
             usage_backlog,
+            sink_lag,
         };
         metrics.register();
         metrics
     }
 
     fn register(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
             Box::new(self.requests.clone()),
             Box::new(self.tokens.clone()),
             Box::new(self.spend.clone()),
@@ -111,6 +123,7 @@ impl Metrics {
             Box::new(self.ttft.clone()),
             Box::new(self.open_streams.clone()),
             Box::new(self.usage_backlog.clone()),
+            Box::new(self.sink_lag.clone()),
         ];
         for collector in collectors {
             self.registry

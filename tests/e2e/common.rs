@@ -59,6 +59,11 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> Harness {
+        Harness::start_with("").await
+    }
+
+    /// Starts with `extra` appended to the generated `warden.toml` (e.g. `[[sinks]]`).
+    pub async fn start_with(extra: &str) -> Harness {
         let mock_config = MockConfig {
             api_key: Some(MOCK_KEY.into()),
             fixtures: Some(fixtures_dir()),
@@ -70,6 +75,11 @@ impl Harness {
 
         let dir = temp_dir();
         write_config(&dir, &mock.base_url());
+        if !extra.is_empty() {
+            let path = dir.join("warden.toml");
+            let config = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, format!("{config}\n{extra}\n")).unwrap();
+        }
         let (warden, addr) = spawn_warden(&dir);
 
         Harness {

@@ -13,3 +13,4 @@ mod lifecycle;
 mod other_endpoints;
 mod policy;
 mod replay;
+mod sinks;

@@ -1,0 +1,448 @@
+//! SIEM sinks: every ledger entry delivered to the operator's security tooling, with
+//! nothing lost while a sink is down.
+//!
+//! The ledger is the outbox. Each sink has a durable cursor (the last sequence number
+//! it acknowledged); a delivery task reads the entries after it, sends them in order,
+//! and moves the cursor only when the receiver acknowledged them (a 2xx, or the file
+//! written and synced). A sink that is down is retried with exponential backoff and
+//! jitter, and picks up where its cursor stopped, also after a crash: delivery is
+//! at least once, and every event carries a stable id receivers can drop duplicates by.
+//! The ledger is never pruned, so nothing above any cursor can disappear.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Uri, header};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rusqlite::{OptionalExtension, params};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::ledger::{ExportLine, StoredEntry};
+use crate::store::control::{LedgerQuery, query_ledger};
+use crate::store::{Store, StoreError};
+
+/// A sink as configured in `[[sinks]]`.
+///
+/// Limitation: unknown keys in a `[[sinks]]` table are ignored rather than refused,
+/// because serde cannot refuse them in a table that flattens the sink's kind.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SinkConfig {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: SinkKind,
+    /// Most entries per delivery.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+}
+
+fn default_batch() -> usize {
+    100
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SinkKind {
+    /// An HTTP endpoint: JSON lines, Splunk HEC or Elastic `_bulk`.
+    Webhook {
+        url: String,
+        #[serde(default)]
+        format: WebhookFormat,
+        /// Environment variable holding the receiver's token, if it needs one.
+        token_env: Option<String>,
+        /// The Elastic index to write to.
+        #[serde(default = "default_index")]
+        index: String,
+    },
+    /// A JSON-lines file of OCSF events, rotated at `max_bytes`.
+    File {
+        path: PathBuf,
+        #[serde(default = "default_max_bytes")]
+        max_bytes: u64,
+    },
+}
+
+fn default_index() -> String {
+    "warden-ledger".into()
+}
+
+fn default_max_bytes() -> u64 {
+    64 << 20
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// One OCSF event per line.
+    #[default]
+    Jsonl,
+    /// Splunk HTTP Event Collector: `{"event": ..}` per line, `Authorization: Splunk`.
+    SplunkHec,
+    /// Elastic `_bulk`: an `index` action with the event id, then the event.
+    ElasticBulk,
+}
+
+/// A ledger entry as an OCSF API Activity event (class 6003), with the entry itself
+/// (and its hash and signature) kept under `unmapped` so a receiver can verify it.
+pub fn ocsf_event(entry: &StoredEntry, key_id: &str) -> Value {
+    let line = ExportLine::of(entry);
+    let time_ms = line.entry["time"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64);
+    json!({
+        "class_uid": 6003,
+        "class_name": "API Activity",
+        "category_uid": 6,
+        "activity_name": line.entry["kind"],
+        "severity_id": 1,
+        "time": time_ms,
+        "actor": {"user": {"uid": line.entry["actor"]}},
+        "resources": [{"uid": line.entry["subject"], "type": "agent"}],
+        "metadata": {
+            "uid": event_id(key_id, entry.seq),
+            "version": "1.1.0",
+            "product": {"name": "Warden", "vendor_name": "Warden"},
+            "sequence": entry.seq,
+        },
+        "unmapped": line,
+    })
+}
+
+/// A stable id per entry: receivers drop duplicates by it.
+pub fn event_id(ledger: &str, seq: u64) -> String {
+    format!("warden-{ledger}-{seq}")
+}
+
+/// Why a delivery failed; the batch is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("receiver answered {0}")]
+    Status(u16),
+    #[error("receiver unreachable: {0}")]
+    Unreachable(String),
+    #[error("file: {0}")]
+    File(#[from] std::io::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// One sink's delivery state.
+pub struct Sink {
+    config: SinkConfig,
+    store: Store,
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The ledger's key id, part of every event id.
+    ledger_id: String,
+    lag: prometheus::IntGauge,
+}
+
+impl Sink {
+    pub fn new(
+        config: SinkConfig,
+        store: Store,
+        ledger_id: String,
+        lag: prometheus::IntGauge,
+    ) -> Sink {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(rustls::ClientConfig::clone(&crate::proxy::tls_config()))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Sink {
+            config,
+            store,
+            http: Client::builder(TokioExecutor::new()).build(https),
+            ledger_id,
+            lag,
+        }
+    }
+
+    /// Delivers forever: entries after the cursor, in order, retrying with backoff.
+    pub async fn run(self) {
+        let sink = Arc::new(self);
+        let mut backoff = Backoff::default();
+        loop {
+            match sink.deliver_next().await {
+                Ok(0) => {
+                    backoff.reset();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(_) => backoff.reset(),
+                Err(e) => {
+                    let wait = backoff.next();
+                    tracing::warn!(sink = %sink.config.name, error = %e, retry_ms = wait.as_millis() as u64, "sink delivery failed");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Sends the next batch; returns how many entries were delivered.
+    async fn deliver_next(self: &Arc<Self>) -> Result<usize, SinkError> {
+        let (cursor, entries, last) = self.pending().await?;
+        self.lag.set(last.saturating_sub(cursor) as i64);
+        let Some(newest) = entries.last().map(|e| e.seq) else {
+            return Ok(0);
+        };
+
+        let events: Vec<Value> = entries
+            .iter()
+            .map(|e| ocsf_event(e, &self.ledger_id))
+            .collect();
+        match &self.config.kind {
+            SinkKind::Webhook {
+                url,
+                format,
+                token_env,
+                index,
+            } => {
+                self.post(url, *format, token_env.as_deref(), index, &events)
+                    .await?;
+            }
+            SinkKind::File { path, max_bytes } => {
+                let (path, max_bytes) = (path.clone(), *max_bytes);
+                tokio::task::spawn_blocking(move || append_file(&path, max_bytes, &events))
+                    .await
+                    .map_err(|e| SinkError::Setup(e.to_string()))??;
+            }
+        }
+
+        self.advance(newest).await?;
+        self.lag.set(last.saturating_sub(newest) as i64);
+        Ok(entries.len())
+    }
+
+    /// The cursor, the entries after it (one batch) and the ledger's last sequence number.
+    async fn pending(self: &Arc<Self>) -> Result<(u64, Vec<StoredEntry>, u64), SinkError> {
+        let sink = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let conn = sink.store.connection()?;
+            let cursor: u64 = conn
+                .query_row(
+                    "SELECT seq FROM sink_cursors WHERE sink = ?1",
+                    [&sink.config.name],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+                .map_err(StoreError::from)?
+                .map_or(0, |s| s as u64);
+            let last: i64 = conn
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM ledger", [], |r| r.get(0))
+                .map_err(StoreError::from)?;
+            let query = LedgerQuery {
+                after: cursor,
+                limit: sink.config.batch.max(1),
+                ..LedgerQuery::default()
+            };
+            Ok((cursor, query_ledger(&conn, &query)?, last as u64))
+        })
+        .await
+        .map_err(|e| SinkError::Setup(e.to_string()))?
+    }
+
+    /// Moves the cursor durably after an acknowledged delivery.
+    async fn advance(self: &Arc<Self>, seq: u64) -> Result<(), SinkError> {
+        let sink = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let conn = sink.store.connection()?;
+            conn.execute(
+                "INSERT INTO sink_cursors (sink, seq) VALUES (?1, ?2)
+                 ON CONFLICT (sink) DO UPDATE SET seq = max(seq, excluded.seq)",
+                params![sink.config.name, seq as i64],
+            )
+            .map_err(StoreError::from)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| SinkError::Setup(e.to_string()))?
+    }
+
+    async fn post(
+        &self,
+        url: &str,
+        format: WebhookFormat,
+        token_env: Option<&str>,
+        index: &str,
+        events: &[Value],
+    ) -> Result<(), SinkError> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| SinkError::Setup(format!("sink url {url}: {e}")))?;
+        let body = webhook_body(format, index, events);
+        let mut request = Request::post(uri).header(header::CONTENT_TYPE, content_type(format));
+        if let Some(token) = token_env.and_then(|env| std::env::var(env).ok()) {
+            let scheme = if format == WebhookFormat::SplunkHec {
+                "Splunk"
+            } else {
+                "Bearer"
+            };
+            if let Ok(value) = HeaderValue::try_from(format!("{scheme} {token}")) {
+                request = request.header(header::AUTHORIZATION, value);
+            }
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| SinkError::Setup(e.to_string()))?;
+
+        let response = tokio::time::timeout(Duration::from_secs(30), self.http.request(request))
+            .await
+            .map_err(|_| SinkError::Unreachable("no answer within 30 s".into()))?
+            .map_err(|e| SinkError::Unreachable(e.to_string()))?;
+        match response.status() {
+            status if status.is_success() => Ok(()),
+            status => Err(SinkError::Status(status.as_u16())),
+        }
+    }
+}
+
+fn content_type(format: WebhookFormat) -> &'static str {
+    match format {
+        WebhookFormat::Jsonl | WebhookFormat::ElasticBulk => "application/x-ndjson",
+        WebhookFormat::SplunkHec => "application/json",
+    }
+}
+
+/// The request body for a batch of events, in the receiver's format.
+pub fn webhook_body(format: WebhookFormat, index: &str, events: &[Value]) -> String {
+    let mut body = String::new();
+    for event in events {
+        match format {
+            WebhookFormat::Jsonl => body.push_str(&event.to_string()),
+            WebhookFormat::SplunkHec => {
+                let time = event["time"].as_i64().unwrap_or(0) as f64 / 1e3;
+                let hec = json!({"time": time, "sourcetype": "warden:ledger", "source": "warden", "event": event});
+                body.push_str(&hec.to_string());
+            }
+            WebhookFormat::ElasticBulk => {
+                let action = json!({"index": {"_index": index, "_id": event["metadata"]["uid"]}});
+                body.push_str(&action.to_string());
+                body.push('\n');
+                body.push_str(&event.to_string());
+            }
+        }
+        body.push('\n');
+    }
+    body
+}
+
+/// Appends events to a JSON-lines file, rotating it to `<path>.1` past `max_bytes`,
+/// and syncs before the cursor may move.
+fn append_file(path: &std::path::Path, max_bytes: u64, events: &[Value]) -> Result<(), SinkError> {
+    use std::io::Write;
+
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    if size > max_bytes {
+        std::fs::rename(path, path.with_extension("jsonl.1"))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let mut text = String::new();
+    for event in events {
+        text.push_str(&event.to_string());
+        text.push('\n');
+    }
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Exponential backoff from 100 ms to 30 s, with full jitter.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let cap = 100u64.saturating_mul(1 << self.attempt.min(9)).min(30_000);
+        self.attempt += 1;
+        let mut bytes = [0u8; 8];
+        let jitter = match getrandom::fill(&mut bytes) {
+            Ok(()) => u64::from_le_bytes(bytes) % cap.max(1),
+            Err(_) => cap / 2,
+        };
+        Duration::from_millis(jitter.max(50))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Creates the cursor table.
+pub fn ensure_schema(store: &Store) -> Result<(), StoreError> {
+    let conn = store.connection()?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS sink_cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);",
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64) -> StoredEntry {
+        StoredEntry {
+            seq,
+            canonical: format!(
+                r#"{{"actor":"operator","details":{{}},"kind":"spawn","prev":"00","seq":{seq},"subject":"spiffe://t/agent/a/b","time":"2026-12-03T00:00:00.000Z"}}"#
+            ),
+            hash: "ab".repeat(32),
+            signature: "cd".repeat(64),
+            key_id: "0011223344556677".into(),
+        }
+    }
+
+    #[test]
+    fn events_are_ocsf_with_a_stable_id() {
+        let event = ocsf_event(&entry(7), "0011223344556677");
+        assert_eq!(event["class_uid"], 6003);
+        assert_eq!(event["metadata"]["uid"], "warden-0011223344556677-7");
+        assert_eq!(event["unmapped"]["entry"]["kind"], "spawn");
+        assert_eq!(event["time"], 1_796_256_000_000_i64);
+    }
+
+    #[test]
+    fn webhook_formats() {
+        let events = vec![ocsf_event(&entry(1), "k"), ocsf_event(&entry(2), "k")];
+        let bulk = webhook_body(WebhookFormat::ElasticBulk, "idx", &events);
+        let lines: Vec<Value> = bulk
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[0]["index"]["_id"], "warden-k-1");
+        assert_eq!(lines[0]["index"]["_index"], "idx");
+
+        let hec = webhook_body(WebhookFormat::SplunkHec, "", &events);
+        let first: Value = serde_json::from_str(hec.lines().next().unwrap()).unwrap();
+        assert_eq!(first["sourcetype"], "warden:ledger");
+        assert_eq!(first["event"]["metadata"]["uid"], "warden-k-1");
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_capped() {
+        let mut backoff = Backoff::default();
+        for _ in 0..20 {
+            assert!(backoff.next() <= Duration::from_secs(30));
+        }
+        backoff.reset();
+        assert!(backoff.next() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,120 @@
+//! SIEM delivery: a webhook receiver that is down while a thousand decisions happen,
+//! and while Warden is killed and restarted, still gets every one of them, in order,
+//! at least once, each with a stable id.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::post;
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+/// Refused spawns: the quickest decisions to make, each a ledger entry.
+async fn decisions(h: &Harness, n: usize) {
+    let url = h.url("/v1/agents");
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let url = url.clone();
+        batch.push(async move {
+            let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("d-{i}"),
+                "budget": {"daily_limit": "1.00"}, "trust": {"initial_level": "TRUSTED"}});
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(CASE_LEAD_KEY)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 403);
+        });
+        if batch.len() == 20 {
+            futures_util::future::join_all(std::mem::take(&mut batch)).await;
+        }
+    }
+    futures_util::future::join_all(batch).await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_was_down_gets_every_decision_in_order() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sink = format!(
+        "[[sinks]]\nname = \"siem\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{port}/ingest\"\nformat = \"jsonl\"\nbatch = 100\n"
+    );
+    let mut h = Harness::start_with(&sink).await;
+
+    decisions(&h, 500).await;
+    h.crash();
+    h.restart();
+    decisions(&h, 500).await;
+
+    // The receiver comes up only now.
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let store = Arc::clone(&received);
+    let app = Router::new().route(
+        "/ingest",
+        post(move |body: String| {
+            let store = Arc::clone(&store);
+            async move {
+                let mut events = store.lock().unwrap();
+                events.extend(
+                    body.lines()
+                        .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+                );
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen: BTreeSet<u64> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e["metadata"]["sequence"].as_u64().unwrap())
+            .collect();
+        if seen.len() >= 1000 || Instant::now() > deadline {
+            assert_eq!(
+                seen,
+                (1..=1000).collect::<BTreeSet<u64>>(),
+                "every decision, at least once"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let events = received.lock().unwrap().clone();
+    let mut first_seen = Vec::new();
+    for event in &events {
+        let seq = event["metadata"]["sequence"].as_u64().unwrap();
+        if !first_seen.contains(&seq) {
+            first_seen.push(seq);
+        }
+        assert_eq!(event["class_uid"], 6003);
+        assert_eq!(
+            event["metadata"]["uid"]
+                .as_str()
+                .unwrap()
+                .rsplit('-')
+                .next()
+                .unwrap(),
+            seq.to_string()
+        );
+    }
+    assert!(
+        first_seen.windows(2).all(|w| w[0] < w[1]),
+        "delivered in ledger order"
+    );
+}
