@@ -188,5 +188,50 @@ fn bench_budget(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_relay, bench_admission, bench_budget);
+/// The evidence ledger: sealing one entry (canonical encoding, SHA-256, Ed25519), and
+/// appending one decision durably (a SQLite transaction in WAL mode).
+fn bench_ledger(c: &mut Criterion) {
+    use warden::ledger::{Entry, GENESIS, Signer};
+    use warden::store::control::DecisionRow;
+
+    let data = std::env::temp_dir().join(format!("warden-bench-ledger-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let store = Store::open(&data).unwrap();
+    let control = ControlStore::open(&store, Signer::load_or_create(&data).unwrap()).unwrap();
+    let details = serde_json::json!({"agent_id": "agt_0000000000000001", "parent": "spiffe://bench.local/agent/b/lead",
+        "slice_usd": "50", "scopes": ["market_data.read", "models.standard"], "trust": "WATCHED"});
+
+    let entry = Entry {
+        seq: 1,
+        time: "2026-12-03T00:00:00.000Z".into(),
+        kind: "spawn".into(),
+        actor: "spiffe://bench.local/agent/b/lead".into(),
+        subject: "spiffe://bench.local/agent/b/data-fetcher-01".into(),
+        details: details.clone(),
+        prev: GENESIS.into(),
+    };
+    c.bench_function("ledger/seal_entry", |b| {
+        b.iter(|| control.signer().seal(black_box(&entry)))
+    });
+
+    let decision = DecisionRow {
+        time: "2026-12-03T00:00:00.000Z".into(),
+        kind: "spawn",
+        actor: "spiffe://bench.local/agent/b/lead".into(),
+        subject: "spiffe://bench.local/agent/b/data-fetcher-01".into(),
+        details,
+    };
+    c.bench_function("ledger/append_durable", |b| {
+        b.iter(|| control.record(black_box(&decision)).unwrap())
+    });
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+criterion_group!(
+    benches,
+    bench_relay,
+    bench_admission,
+    bench_budget,
+    bench_ledger
+);
 criterion_main!(benches);

@@ -95,8 +95,12 @@ impl Signer {
             .iter()
             .map(|e| merkle::leaf_hash(e.as_bytes()))
             .collect();
-        let root = hex::encode(merkle::root(&leaves));
-        let size = entries.len() as u64;
+        self.sign_checkpoint(entries.len() as u64, &merkle::root(&leaves), time)
+    }
+
+    /// Signs a checkpoint stating that the first `size` entries have Merkle root `root`.
+    pub fn sign_checkpoint(&self, size: u64, root: &merkle::Hash, time: String) -> Checkpoint {
+        let root = hex::encode(root);
         let message = checkpoint_message(size, &root, &time);
         Checkpoint {
             size,

@@ -42,6 +42,41 @@ pub fn root(leaves: &[Hash]) -> Hash {
     }
 }
 
+/// The right edge of a growing tree: the roots of its perfect subtrees, largest first.
+/// Appending a leaf and reading the root both cost O(log n), so the ledger can sign a
+/// checkpoint without rehashing every entry.
+#[derive(Debug, Clone, Default)]
+pub struct Frontier {
+    /// (height, root) of each perfect subtree, heights strictly decreasing.
+    nodes: Vec<(u32, Hash)>,
+}
+
+impl Frontier {
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = (0, leaf);
+        while let Some(&(height, left)) = self.nodes.last() {
+            if height != node.0 {
+                break;
+            }
+            self.nodes.pop();
+            node = (height + 1, node_hash(&left, &node.1));
+        }
+        self.nodes.push(node);
+    }
+
+    /// The Merkle tree hash of every leaf pushed so far.
+    pub fn root(&self) -> Hash {
+        let mut nodes = self.nodes.iter().rev();
+        let Some(&(_, mut hash)) = nodes.next() else {
+            return Sha256::digest([]).into();
+        };
+        for (_, left) in nodes {
+            hash = node_hash(left, &hash);
+        }
+        hash
+    }
+}
+
 /// The audit path of leaf `index` in the tree of `leaves`.
 pub fn inclusion_path(index: usize, leaves: &[Hash]) -> Vec<Hash> {
     let n = leaves.len();
@@ -134,6 +169,17 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_frontier_agrees_with_the_full_tree() {
+        let all = leaves(100);
+        let mut frontier = Frontier::default();
+        assert_eq!(frontier.root(), root(&[]));
+        for n in 1..=100 {
+            frontier.push(all[n - 1]);
+            assert_eq!(frontier.root(), root(&all[..n]), "n={n}");
         }
     }
 

@@ -18,6 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError};
 use crate::budget::{AgentKey, Amount, LeaseStore};
+use crate::ledger::merkle::{self, Frontier};
 use crate::ledger::{Checkpoint, Entry, GENESIS, Signer, StoredEntry};
 
 const SCHEMA: &str = "
@@ -108,16 +109,37 @@ pub struct ControlStore {
     conn: Mutex<Connection>,
     /// Signs every ledger entry as it is appended.
     signer: Signer,
+    /// The Merkle frontier of the committed ledger. Only changed while `conn` is held,
+    /// after a commit, so it always matches what is stored.
+    frontier: Mutex<Frontier>,
 }
 
 impl ControlStore {
     pub fn open(store: &Store, signer: Signer) -> Result<ControlStore, StoreError> {
         let conn = store.connection()?;
         conn.execute_batch(SCHEMA)?;
+        let mut frontier = Frontier::default();
+        for entry in read_ledger(&conn)? {
+            frontier.push(merkle::leaf_hash(entry.canonical.as_bytes()));
+        }
         Ok(ControlStore {
             conn: Mutex::new(conn),
             signer,
+            frontier: Mutex::new(frontier),
         })
+    }
+
+    /// A working copy of the frontier, for a transaction about to append.
+    fn frontier(&self) -> Frontier {
+        self.frontier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a committed transaction's frontier in place.
+    fn set_frontier(&self, frontier: Frontier) {
+        *self.frontier.lock().unwrap_or_else(|p| p.into_inner()) = frontier;
     }
 
     pub fn signer(&self) -> &Signer {
@@ -194,6 +216,7 @@ impl ControlStore {
         decision: Option<&DecisionRow>,
     ) -> Result<Option<i64>, StoreError> {
         let mut conn = self.lock();
+        let mut frontier = self.frontier();
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT INTO agents (key, id, name, spiffe_id, parent, lead, depth, scopes,
@@ -218,8 +241,11 @@ impl ControlStore {
                 agent.trust,
             ],
         )?;
-        let seq = decision.map(|d| append(&tx, &self.signer, d)).transpose()?;
+        let seq = decision
+            .map(|d| append(&tx, &self.signer, &mut frontier, d))
+            .transpose()?;
         tx.commit()?;
+        self.set_frontier(frontier);
         Ok(seq)
     }
 
@@ -230,6 +256,7 @@ impl ControlStore {
         decisions: &[DecisionRow],
     ) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.lock();
+        let mut frontier = self.frontier();
         let tx = conn.transaction()?;
         for (key, at_ms, reason) in ended {
             tx.execute(
@@ -239,9 +266,10 @@ impl ControlStore {
         }
         let seqs = decisions
             .iter()
-            .map(|d| append(&tx, &self.signer, d))
+            .map(|d| append(&tx, &self.signer, &mut frontier, d))
             .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
+        self.set_frontier(frontier);
         Ok(seqs)
     }
 
@@ -253,13 +281,15 @@ impl ControlStore {
         decision: &DecisionRow,
     ) -> Result<i64, StoreError> {
         let mut conn = self.lock();
+        let mut frontier = self.frontier();
         let tx = conn.transaction()?;
         tx.execute(
             "UPDATE agents SET trust = ?2 WHERE key = ?1",
             params![key as i64, trust],
         )?;
-        let seq = append(&tx, &self.signer, decision)?;
+        let seq = append(&tx, &self.signer, &mut frontier, decision)?;
         tx.commit()?;
+        self.set_frontier(frontier);
         Ok(seq)
     }
 
@@ -277,7 +307,7 @@ impl ControlStore {
         if size == covered {
             return Ok(None);
         }
-        insert_checkpoint(&tx, &self.signer, size)?;
+        insert_checkpoint(&tx, &self.signer, size, self.frontier().root())?;
         tx.commit()?;
         Ok(Some(size as u64))
     }
@@ -285,9 +315,11 @@ impl ControlStore {
     /// Appends one decision record.
     pub fn record(&self, decision: &DecisionRow) -> Result<i64, StoreError> {
         let mut conn = self.lock();
+        let mut frontier = self.frontier();
         let tx = conn.transaction()?;
-        let seq = append(&tx, &self.signer, decision)?;
+        let seq = append(&tx, &self.signer, &mut frontier, decision)?;
         tx.commit()?;
+        self.set_frontier(frontier);
         Ok(seq)
     }
 }
@@ -356,6 +388,7 @@ pub fn read_ledger(conn: &Connection) -> Result<Vec<StoredEntry>, StoreError> {
 fn append(
     tx: &rusqlite::Transaction<'_>,
     signer: &Signer,
+    frontier: &mut Frontier,
     decision: &DecisionRow,
 ) -> Result<i64, StoreError> {
     let last: Option<(i64, String)> = tx
@@ -390,8 +423,9 @@ fn append(
             decision.subject
         ],
     )?;
+    frontier.push(merkle::leaf_hash(sealed.canonical.as_bytes()));
     if (seq as u64).is_multiple_of(CHECKPOINT_EVERY) {
-        insert_checkpoint(tx, signer, seq)?;
+        insert_checkpoint(tx, signer, seq, frontier.root())?;
     }
     Ok(seq)
 }
@@ -399,22 +433,15 @@ fn append(
 /// A checkpoint is signed every this many entries (and on a timer in between).
 pub const CHECKPOINT_EVERY: u64 = 64;
 
-/// Signs and stores a checkpoint over entries 1..=size.
-///
-/// Limitation: the Merkle root is recomputed from every entry each time, so a
-/// checkpoint costs time linear in the ledger's length; caching the tree's frontier
-/// would make it logarithmic.
+/// Signs and stores a checkpoint over entries 1..=size, whose Merkle root is `root`.
 fn insert_checkpoint(
     tx: &rusqlite::Transaction<'_>,
     signer: &Signer,
     size: i64,
+    root: merkle::Hash,
 ) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached("SELECT entry FROM ledger WHERE seq <= ?1 ORDER BY seq")?;
-    let entries = stmt
-        .query_map([size], |row| row.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
     let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    let checkpoint = signer.checkpoint(&entries, time);
+    let checkpoint = signer.sign_checkpoint(size as u64, &root, time);
     tx.execute(
         "INSERT OR REPLACE INTO checkpoints (size, root, time, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![size, checkpoint.root, checkpoint.time, checkpoint.key_id, checkpoint.signature],
