@@ -18,6 +18,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Store, StoreError};
 use crate::budget::{AgentKey, Amount, LeaseStore};
+use sha2::{Digest, Sha256};
+
 use crate::ledger::merkle::{self, Frontier};
 use crate::ledger::{Checkpoint, Entry, GENESIS, Signer, StoredEntry};
 
@@ -115,18 +117,51 @@ pub struct ControlStore {
 }
 
 impl ControlStore {
+    /// Opens the store and checks the ledger's chain. A torn tail (entries whose hash
+    /// or link to the previous entry is broken, as a crash mid-write could leave) is
+    /// cut off, and a `recovery` entry records what was cut; a checkpoint that covered
+    /// the cut entries will then fail verification, so the cut is never silent.
     pub fn open(store: &Store, signer: Signer) -> Result<ControlStore, StoreError> {
         let conn = store.connection()?;
         conn.execute_batch(SCHEMA)?;
+        let entries = read_ledger(&conn)?;
+        let intact = intact_prefix(&entries);
         let mut frontier = Frontier::default();
-        for entry in read_ledger(&conn)? {
+        for entry in &entries[..intact] {
             frontier.push(merkle::leaf_hash(entry.canonical.as_bytes()));
         }
-        Ok(ControlStore {
+
+        let control = ControlStore {
             conn: Mutex::new(conn),
             signer,
             frontier: Mutex::new(frontier),
-        })
+        };
+        if intact < entries.len() {
+            control.cut_torn_tail(intact as u64 + 1, entries.len() as u64)?;
+        }
+        Ok(control)
+    }
+
+    /// Deletes entries `first..=last` and records that it did.
+    fn cut_torn_tail(&self, first: u64, last: u64) -> Result<(), StoreError> {
+        tracing::error!(
+            first,
+            last,
+            "ledger tail is torn; cutting it and recording the recovery"
+        );
+        {
+            let conn = self.lock();
+            conn.execute("DELETE FROM ledger WHERE seq >= ?1", [first as i64])?;
+        }
+        let recovery = DecisionRow {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            kind: "recovery",
+            actor: "warden".into(),
+            subject: "ledger".into(),
+            details: serde_json::json!({ "cut_from": first, "cut_to": last }),
+        };
+        self.record(&recovery)?;
+        Ok(())
     }
 
     /// A working copy of the frontier, for a transaction about to append.
@@ -324,6 +359,22 @@ impl ControlStore {
     }
 }
 
+/// How many entries, from the first, hash and chain correctly. Signatures are left to
+/// `warden ledger verify`: a torn write breaks the hash or the chain.
+fn intact_prefix(entries: &[StoredEntry]) -> usize {
+    let mut prev = GENESIS.to_owned();
+    for (index, entry) in entries.iter().enumerate() {
+        let hash = hex::encode(Sha256::digest(entry.canonical.as_bytes()));
+        let linked = serde_json::from_str::<Entry>(&entry.canonical)
+            .is_ok_and(|e| e.prev == prev && e.seq == entry.seq && e.seq == index as u64 + 1);
+        if hash != entry.hash || !linked {
+            return index;
+        }
+        prev = hash;
+    }
+    entries.len()
+}
+
 /// Filters of a ledger query.
 #[derive(Debug, Default)]
 pub struct LedgerQuery<'a> {
@@ -477,5 +528,60 @@ impl LeaseStore for ControlStore {
         )
         .map(|_| ())
         .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{self, Signer};
+
+    fn decision(n: u64) -> DecisionRow {
+        DecisionRow {
+            time: "2026-12-03T00:00:00.000Z".into(),
+            kind: "spawn",
+            actor: "operator".into(),
+            subject: format!("spiffe://t/agent/a/{n}"),
+            details: serde_json::json!({ "n": n }),
+        }
+    }
+
+    /// A tail broken by a crash mid-write is cut on the next start, the cut recorded,
+    /// and the ledger verifies again.
+    #[test]
+    fn a_torn_tail_is_cut_and_recorded() {
+        let dir = std::env::temp_dir().join(format!("warden-torn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let control = ControlStore::open(&store, Signer::load_or_create(&dir).unwrap()).unwrap();
+        for n in 1..=5 {
+            control.record(&decision(n)).unwrap();
+        }
+        drop(control);
+
+        // Half of entry 4 never reached the disk.
+        let conn = store.connection().unwrap();
+        conn.execute(
+            "UPDATE ledger SET entry = substr(entry, 1, 40) WHERE seq = 4",
+            [],
+        )
+        .unwrap();
+
+        let control = ControlStore::open(&store, Signer::load_or_create(&dir).unwrap()).unwrap();
+        let entries = read_ledger(&control.lock()).unwrap();
+        assert_eq!(
+            entries.len(),
+            4,
+            "entries 4 and 5 cut, a recovery entry added"
+        );
+        let recovery: Entry = serde_json::from_str(&entries[3].canonical).unwrap();
+        assert_eq!(recovery.kind, "recovery");
+        assert_eq!(
+            recovery.details,
+            serde_json::json!({"cut_from": 4, "cut_to": 5})
+        );
+        let key = ledger::read_public_key(&dir.join("ledger-public.key")).unwrap();
+        assert_eq!(ledger::verify(&entries, &[key]), Ok(4));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
