@@ -233,3 +233,82 @@ async fn checkpoints_prove_inclusion_and_catch_truncation() {
     let (ok, out) = warden_ledger(&["verify", "--db", db, "--public-key", key]);
     assert!(!ok && out.contains("entry 61"), "{out}");
 }
+
+/// SIGKILL in the middle of a burst of spawns: after the restart the ledger verifies,
+/// and every spawn that was acknowledged has its entry.
+#[tokio::test]
+async fn a_crash_during_a_spawn_burst_loses_no_acknowledged_record() {
+    let mut h = Harness::start().await;
+    let url = h.url("/v1/agents");
+    let burst = async {
+        let (mut acknowledged, mut lost) = (Vec::new(), 0);
+        for wave in 0..80 {
+            let spawns = (0..8).map(|i| {
+                let url = url.clone();
+                async move {
+                    let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("burst-{wave}-{i}"),
+                        "budget": {"daily_limit": "0.50"}, "permissions": {"restrict_to": ["models.small"]}});
+                    let sent = reqwest::Client::new().post(url).bearer_auth(CASE_LEAD_KEY).body(body.to_string()).send().await;
+                    let response = sent.ok()?;
+                    if response.status() != 201 {
+                        return None;
+                    }
+                    let agent: Value = serde_json::from_slice(&response.bytes().await.ok()?).ok()?;
+                    Some((agent["spiffe_id"].as_str()?.to_owned(), agent["evidence_id"].as_str()?.to_owned()))
+                }
+            });
+            acknowledged.extend(
+                futures_util::future::join_all(spawns)
+                    .await
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        acknowledged
+    };
+    let crash = async {
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        h.crash();
+    };
+    let (acknowledged, ()) = tokio::join!(burst, crash);
+    assert!(
+        !acknowledged.is_empty(),
+        "some spawns were acknowledged before the crash"
+    );
+    h.restart();
+
+    let db = h.database();
+    let key = db.with_file_name("ledger-public.key");
+    let (ok, out) = warden_ledger(&[
+        "verify",
+        "--db",
+        db.to_str().unwrap(),
+        "--public-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    for (spiffe_id, evidence) in &acknowledged {
+        let seq: u64 = evidence.trim_start_matches("dec_").parse().unwrap();
+        let subject: String = conn
+            .query_row(
+                "SELECT subject FROM ledger WHERE seq = ?1",
+                [seq as i64],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| panic!("{evidence} of {spiffe_id} is missing: {e}"));
+        assert_eq!(&subject, spiffe_id);
+    }
+
+    // The agents themselves came back too, and still work.
+    let (spiffe_id, _) = &acknowledged[0];
+    let name = spiffe_id.rsplit('/').next().unwrap();
+    let response = reqwest::Client::new()
+        .get(h.url(&format!("/v1/agents/{name}")))
+        .bearer_auth(OPERATOR_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
