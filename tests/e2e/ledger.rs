@@ -249,32 +249,36 @@ async fn a_crash_during_a_spawn_burst_loses_no_acknowledged_record() {
                     let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("burst-{wave}-{i}"),
                         "budget": {"daily_limit": "0.50"}, "permissions": {"restrict_to": ["models.small"]}});
                     let sent = reqwest::Client::new().post(url).bearer_auth(CASE_LEAD_KEY).body(body.to_string()).send().await;
-                    let response = sent.ok()?;
+                    let Ok(response) = sent else { return Err(()) };
                     if response.status() != 201 {
-                        return None;
+                        return Ok(None);
                     }
-                    let agent: Value = serde_json::from_slice(&response.bytes().await.ok()?).ok()?;
-                    Some((agent["spiffe_id"].as_str()?.to_owned(), agent["evidence_id"].as_str()?.to_owned()))
+                    let bytes = response.bytes().await.map_err(|_| ())?;
+                    let agent: Value = serde_json::from_slice(&bytes).map_err(|_| ())?;
+                    let spiffe_id = agent["spiffe_id"].as_str().unwrap().to_owned();
+                    Ok(Some((spiffe_id, agent["evidence_id"].as_str().unwrap().to_owned())))
                 }
             });
-            acknowledged.extend(
-                futures_util::future::join_all(spawns)
-                    .await
-                    .into_iter()
-                    .flatten(),
-            );
+            for outcome in futures_util::future::join_all(spawns).await {
+                match outcome {
+                    Ok(Some(ids)) => acknowledged.push(ids),
+                    Ok(None) => {}
+                    Err(()) => lost += 1,
+                }
+            }
         }
-        acknowledged
+        (acknowledged, lost)
     };
     let crash = async {
         tokio::time::sleep(std::time::Duration::from_millis(60)).await;
         h.crash();
     };
-    let (acknowledged, ()) = tokio::join!(burst, crash);
+    let ((acknowledged, lost), ()) = tokio::join!(burst, crash);
     assert!(
         !acknowledged.is_empty(),
         "some spawns were acknowledged before the crash"
     );
+    assert!(lost > 0, "the crash came in the middle of the burst");
     h.restart();
 
     let db = h.database();
