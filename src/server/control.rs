@@ -183,6 +183,18 @@ fn authorize(app: &App, headers: &HeaderMap, target: &Agent) -> Result<(), ApiEr
     }
 }
 
+/// A JSON body that may be left out (then `T::default()`).
+async fn optional_body<T: serde::de::DeserializeOwned + Default>(
+    app: &App,
+    body: Body,
+) -> Result<T, ApiError> {
+    let body = crate::proxy::read_body(body, app.limits.max_body_bytes).await?;
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(ApiError::from_json)
+}
+
 fn find(app: &App, reference: &str) -> Result<Arc<Agent>, ApiError> {
     app.registry
         .find(reference)
@@ -415,11 +427,7 @@ pub async fn replace(
         Caller::Operator => "operator".to_owned(),
         Caller::Agent(caller) => caller.spiffe_id.to_string(),
     };
-    let body = crate::proxy::read_body(body, app.limits.max_body_bytes).await?;
-    let asked: ReplaceRequest = match body.is_empty() {
-        true => ReplaceRequest::default(),
-        false => serde_json::from_slice(&body).map_err(ApiError::from_json)?,
-    };
+    let asked: ReplaceRequest = optional_body(&app, body).await?;
 
     if old.is_live() {
         end(&app, &old, EndReason::Terminated, &actor).await?;
@@ -480,11 +488,7 @@ pub async fn quarantine(
 ) -> Result<Response, ApiError> {
     app.identities.authenticate_operator(&headers)?;
     let agent = find(&app, &id)?;
-    let body = crate::proxy::read_body(body, app.limits.max_body_bytes).await?;
-    let asked: QuarantineRequest = match body.is_empty() {
-        true => QuarantineRequest::default(),
-        false => serde_json::from_slice(&body).map_err(ApiError::from_json)?,
-    };
+    let asked: QuarantineRequest = optional_body(&app, body).await?;
 
     agent.quarantine();
     app.identities.revoke(&agent);

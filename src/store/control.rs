@@ -403,17 +403,20 @@ pub fn query_ledger(
             query.kind,
             query.limit as i64
         ],
-        |row| {
-            Ok(StoredEntry {
-                seq: row.get::<_, i64>(0)? as u64,
-                canonical: row.get(1)?,
-                hash: row.get(2)?,
-                signature: row.get(3)?,
-                key_id: row.get(4)?,
-            })
-        },
+        stored_entry,
     )?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// A ledger row selected as `seq, entry, hash, signature, key_id`.
+fn stored_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
+    Ok(StoredEntry {
+        seq: row.get::<_, i64>(0)? as u64,
+        canonical: row.get(1)?,
+        hash: row.get(2)?,
+        signature: row.get(3)?,
+        key_id: row.get(4)?,
+    })
 }
 
 /// Every ledger entry in order, for verification and export.
@@ -421,15 +424,7 @@ pub fn read_ledger(conn: &Connection) -> Result<Vec<StoredEntry>, StoreError> {
     let mut stmt =
         conn.prepare("SELECT seq, entry, hash, signature, key_id FROM ledger ORDER BY seq")?;
     let entries = stmt
-        .query_map([], |row| {
-            Ok(StoredEntry {
-                seq: row.get::<_, i64>(0)? as u64,
-                canonical: row.get(1)?,
-                hash: row.get(2)?,
-                signature: row.get(3)?,
-                key_id: row.get(4)?,
-            })
-        })?
+        .query_map([], stored_entry)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(entries)
 }
