@@ -65,6 +65,18 @@ pub enum SinkKind {
         #[serde(default = "default_max_bytes")]
         max_bytes: u64,
     },
+    /// RFC 5424 syslog over TCP (RFC 6587 octet counting), optionally over TLS.
+    ///
+    /// Limitation: TCP syslog has no application acknowledgement, so a batch counts as
+    /// delivered once it is written and flushed to the receiver's socket.
+    Syslog {
+        /// `host:port` of the receiver.
+        address: String,
+        #[serde(default)]
+        tls: bool,
+        /// The name to check the receiver's certificate against; default: the host.
+        server_name: Option<String>,
+    },
 }
 
 fn default_index() -> String {
@@ -212,6 +224,18 @@ impl Sink {
                 self.post(url, *format, token_env.as_deref(), index, &events)
                     .await?;
             }
+            SinkKind::Syslog {
+                address,
+                tls,
+                server_name,
+            } => {
+                let frames: Vec<u8> = entries
+                    .iter()
+                    .zip(&events)
+                    .flat_map(|(entry, event)| syslog_frame(entry, event).into_bytes())
+                    .collect();
+                send_syslog(address, *tls, server_name.as_deref(), &frames).await?;
+            }
             SinkKind::File { path, max_bytes } => {
                 let (path, max_bytes) = (path.clone(), *max_bytes);
                 tokio::task::spawn_blocking(move || append_file(&path, max_bytes, &events))
@@ -336,6 +360,73 @@ pub fn webhook_body(format: WebhookFormat, index: &str, events: &[Value]) -> Str
         body.push('\n');
     }
     body
+}
+
+/// One RFC 5424 message for an entry, framed by octet counting (RFC 6587): facility
+/// `log audit` (13), severity informational, MSGID the decision's kind, and the
+/// entry's sequence number and stable id as structured data; the OCSF event is the MSG.
+pub fn syslog_frame(entry: &StoredEntry, event: &Value) -> String {
+    let time = event["unmapped"]["entry"]["time"].as_str().unwrap_or("-");
+    let kind: String = event["activity_name"]
+        .as_str()
+        .unwrap_or("-")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(32)
+        .collect();
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty() && h.is_ascii());
+    let id = event["metadata"]["uid"].as_str().unwrap_or("-");
+    let message = format!(
+        "<110>1 {time} {} warden - {kind} [warden@32473 seq=\"{}\" id=\"{}\"] {event}",
+        host.as_deref().unwrap_or("-"),
+        entry.seq,
+        sd_escape(id),
+    );
+    format!("{} {message}", message.len())
+}
+
+/// Escapes a structured-data parameter value (RFC 5424, section 6.3.3).
+fn sd_escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace(']', "\\]")
+}
+
+async fn send_syslog(
+    address: &str,
+    tls: bool,
+    server_name: Option<&str>,
+    frames: &[u8],
+) -> Result<(), SinkError> {
+    use tokio::io::AsyncWriteExt;
+
+    let unreachable = |e: std::io::Error| SinkError::Unreachable(format!("{address}: {e}"));
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .map_err(|_| SinkError::Unreachable(format!("{address}: connect timed out")))?
+    .map_err(unreachable)?;
+    stream.set_nodelay(true).map_err(unreachable)?;
+
+    if !tls {
+        let mut stream = stream;
+        stream.write_all(frames).await.map_err(unreachable)?;
+        stream.flush().await.map_err(unreachable)?;
+        return stream.shutdown().await.map_err(unreachable);
+    }
+    let host = server_name.unwrap_or_else(|| address.rsplit_once(':').map_or(address, |(h, _)| h));
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| SinkError::Setup(format!("syslog server name {host}: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(crate::proxy::tls_config());
+    let mut stream = connector.connect(name, stream).await.map_err(unreachable)?;
+    stream.write_all(frames).await.map_err(unreachable)?;
+    stream.flush().await.map_err(unreachable)?;
+    stream.shutdown().await.map_err(unreachable)
 }
 
 /// Appends events to a JSON-lines file, rotating it to `<path>.1` past `max_bytes`,

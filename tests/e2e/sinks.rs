@@ -118,3 +118,56 @@ async fn a_receiver_that_was_down_gets_every_decision_in_order() {
         "delivered in ledger order"
     );
 }
+
+/// The syslog sink sends well-formed RFC 5424 messages (parsed here by a maintained
+/// parser), framed by octet counting, one per decision, in order.
+#[tokio::test]
+async fn syslog_receiver_gets_rfc_5424_messages() {
+    use syslog_rfc5424::{SyslogFacility, SyslogSeverity};
+    use tokio::io::AsyncReadExt;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let store = Arc::clone(&received);
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut bytes = Vec::new();
+            socket.read_to_end(&mut bytes).await.unwrap();
+            let mut text = String::from_utf8(bytes).unwrap();
+            // Octet counting: "<length> <message>", repeated.
+            while let Some((length, rest)) = text.split_once(' ') {
+                let length: usize = length.parse().unwrap();
+                store.lock().unwrap().push(rest[..length].to_owned());
+                text = rest[length..].to_owned();
+            }
+        }
+    });
+
+    let sink = format!(
+        "[[sinks]]\nname = \"syslog\"\nkind = \"syslog\"\naddress = \"127.0.0.1:{port}\"\n"
+    );
+    let h = Harness::start_with(&sink).await;
+    decisions(&h, 5).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received.lock().unwrap().len() < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let messages = received.lock().unwrap().clone();
+    assert_eq!(messages.len(), 5, "{messages:?}");
+    for (n, text) in messages.iter().enumerate() {
+        let message =
+            syslog_rfc5424::parse_message(text).unwrap_or_else(|e| panic!("{e:?}: {text}"));
+        assert_eq!(message.facility, SyslogFacility::LOG_AUDIT);
+        assert_eq!(message.severity, SyslogSeverity::SEV_INFO);
+        assert_eq!(message.appname.as_deref(), Some("warden"));
+        assert_eq!(message.msgid.as_deref(), Some("spawn_refused"));
+        assert!(message.timestamp.is_some());
+        let seq = message.sd.find_tuple("warden@32473", "seq").unwrap();
+        assert_eq!(seq, &(n + 1).to_string());
+        let event: Value = serde_json::from_str(&message.msg).unwrap();
+        assert_eq!(event["metadata"]["sequence"], n as u64 + 1);
+    }
+}
