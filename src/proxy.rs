@@ -5,11 +5,16 @@
 //! 1. **authenticate**: the bearer key names an agent (`identity`).
 //! 2. **read**: the body, up to `server.max_body_bytes`.
 //! 3. **inspect**: the fields Warden acts on (`request::inspect`).
-//! 4. **admit**: the model is served here and the agent may use it.
+//! 4. **admit**: the model is served here and the agent's manifest grants it and
+//!    every tool the request offers (or the unlisted tools are stripped, by policy).
 //! 5. **rewrite**: a streamed chat request asks for usage (`request::rewrite`).
-//! 6. **forward**: to the model's provider, over a pooled connection (`upstream`).
-//! 7. **relay**: a stream event by event (`relay`), or a whole body, as received.
-//! 8. **settle**: usage and cost become metrics and a usage record (`settle`).
+//! 6. **reserve**: the worst-case cost is held against the agent's budget, and the
+//!    request's max output tokens capped at what the reservation covers.
+//! 7. **forward**: to the model's provider, over a pooled connection (`upstream`).
+//! 8. **relay**: a stream event by event (`relay`), or a whole body, as received; a
+//!    stream past its max tokens is cut.
+//! 9. **settle**: the actual cost is charged and the rest of the reservation
+//!    released; usage and cost become metrics and a usage record (`settle`).
 
 mod relay;
 mod request;
