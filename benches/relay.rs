@@ -210,8 +210,9 @@ fn bench_ledger(c: &mut Criterion) {
         details: details.clone(),
         prev: GENESIS.into(),
     };
+    let signer = control.signer();
     c.bench_function("ledger/seal_entry", |b| {
-        b.iter(|| control.signer().seal(black_box(&entry)))
+        b.iter(|| signer.seal(black_box(&entry)))
     });
 
     let decision = DecisionRow {

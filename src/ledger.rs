@@ -45,6 +45,7 @@ pub enum KeyError {
 }
 
 /// The ledger's signing key.
+#[derive(Clone)]
 pub struct Signer {
     key: SigningKey,
 }
@@ -80,6 +81,40 @@ impl Signer {
         Ok(signer)
     }
 
+    /// Replaces the key in `data_dir` with a new one: the old key and its public key
+    /// are kept as `ledger-signing.<old key id>.key` and `ledger-public.<old key id>.key`,
+    /// and `ledger-public.key` becomes the new public key. Returns the new signer.
+    pub fn rotate(&self, data_dir: &Path) -> Result<Signer, KeyError> {
+        let old_id = self.key_id();
+        let current = data_dir.join(SIGNING_KEY_FILE);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| KeyError::Io { path, source }
+        };
+
+        let archived = data_dir.join(format!("ledger-signing.{old_id}.key"));
+        std::fs::rename(&current, &archived).map_err(io(&current))?;
+        let old_public = data_dir.join(format!("ledger-public.{old_id}.key"));
+        std::fs::write(&old_public, format!("{}\n", self.public_key_hex()))
+            .map_err(io(&old_public))?;
+
+        let key = create_key(&current).map_err(io(&current))?;
+        let signer = Signer {
+            key: SigningKey::from_bytes(&key),
+        };
+        let public = data_dir.join(PUBLIC_KEY_FILE);
+        std::fs::write(&public, format!("{}\n", signer.public_key_hex())).map_err(io(&public))?;
+        Ok(signer)
+    }
+
+    /// Adds this key's signature to a checkpoint another key signed (key rotation:
+    /// the first checkpoint after it is signed by both keys).
+    pub fn co_sign(&self, checkpoint: &mut Checkpoint) {
+        let message = checkpoint_message(checkpoint.size, &checkpoint.root, &checkpoint.time);
+        checkpoint.co_key_id = Some(self.key_id());
+        checkpoint.co_signature = Some(hex::encode(self.key.sign(message.as_bytes()).to_bytes()));
+    }
+
     pub fn public_key_hex(&self) -> String {
         hex::encode(self.key.verifying_key().as_bytes())
     }
@@ -108,6 +143,8 @@ impl Signer {
             time,
             key_id: self.key_id(),
             signature: hex::encode(self.key.sign(message.as_bytes()).to_bytes()),
+            co_key_id: None,
+            co_signature: None,
         }
     }
 
@@ -201,6 +238,7 @@ pub struct Broken {
 /// Checks every entry in order: sequence, encoding, chain, hash and signature.
 /// Returns how many entries were verified.
 pub fn verify(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Result<u64, Broken> {
+    let mut keys = keys.to_vec();
     let mut prev = GENESIS.to_owned();
     for (index, stored) in entries.iter().enumerate() {
         let expected = index as u64 + 1;
@@ -233,7 +271,9 @@ pub fn verify(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Result<u64, Bro
         if hash != stored.hash {
             return Err(broken("its hash does not match its content".into()));
         }
-        check_signature(stored, keys).map_err(broken)?;
+        check_signature(stored, &keys).map_err(broken)?;
+        // A rotation entry, signed by the old key, vouches for the new one.
+        keys.extend(introduced_key(stored));
         prev = hash;
     }
     Ok(entries.len() as u64)
@@ -260,6 +300,11 @@ pub struct Checkpoint {
     pub time: String,
     pub key_id: String,
     pub signature: String,
+    /// The previous key's signature on the first checkpoint after a key rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub co_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub co_signature: Option<String>,
 }
 
 /// What a checkpoint's signature covers.
@@ -272,26 +317,55 @@ fn check_checkpoint_signature(
     checkpoint: &Checkpoint,
     keys: &[VerifyingKey],
 ) -> Result<(), String> {
+    let message = checkpoint_message(checkpoint.size, &checkpoint.root, &checkpoint.time);
+    let size = checkpoint.size;
+    check_signature_by(&checkpoint.key_id, &checkpoint.signature, &message, keys)
+        .map_err(|why| format!("checkpoint at {size}: {why}"))?;
+    match (&checkpoint.co_key_id, &checkpoint.co_signature) {
+        (None, None) => Ok(()),
+        (Some(id), Some(signature)) => check_signature_by(id, signature, &message, keys)
+            .map_err(|why| format!("checkpoint at {size}, second signature: {why}")),
+        _ => Err(format!("checkpoint at {size}: half a second signature")),
+    }
+}
+
+/// Checks `signature` (hex) over `message` by the key with `id` among `keys`.
+fn check_signature_by(
+    id: &str,
+    signature: &str,
+    message: &str,
+    keys: &[VerifyingKey],
+) -> Result<(), String> {
     let key = keys
         .iter()
-        .find(|k| key_id(k) == checkpoint.key_id)
-        .ok_or_else(|| {
-            format!(
-                "checkpoint at {} signed by unknown key {}",
-                checkpoint.size, checkpoint.key_id
-            )
-        })?;
+        .find(|k| key_id(k) == id)
+        .ok_or_else(|| format!("signed by unknown key {id}"))?;
     let mut bytes = [0u8; 64];
-    hex::decode_to_slice(&checkpoint.signature, &mut bytes)
-        .map_err(|_| format!("checkpoint at {}: malformed signature", checkpoint.size))?;
-    let message = checkpoint_message(checkpoint.size, &checkpoint.root, &checkpoint.time);
+    hex::decode_to_slice(signature, &mut bytes).map_err(|_| "malformed signature".to_owned())?;
     key.verify_strict(message.as_bytes(), &Signature::from_bytes(&bytes))
-        .map_err(|_| {
-            format!(
-                "checkpoint at {}: signature does not verify",
-                checkpoint.size
-            )
-        })
+        .map_err(|_| "signature does not verify".to_owned())
+}
+
+/// The keys a verified ledger trusts: those given, and each key a `key_rotation` entry
+/// introduced (such an entry is signed by the key before it).
+pub fn rotated_keys(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Vec<VerifyingKey> {
+    let mut trusted = keys.to_vec();
+    for stored in entries {
+        if let Some(key) = introduced_key(stored) {
+            trusted.push(key);
+        }
+    }
+    trusted
+}
+
+/// The new key a `key_rotation` entry introduces.
+fn introduced_key(stored: &StoredEntry) -> Option<VerifyingKey> {
+    let entry: Entry = serde_json::from_str(&stored.canonical).ok()?;
+    if entry.kind != "key_rotation" {
+        return None;
+    }
+    let bytes = parse_key(entry.details["new_public_key"].as_str()?)?;
+    VerifyingKey::from_bytes(&bytes).ok()
 }
 
 /// Checks every checkpoint against the (already verified) entries: each must be

@@ -146,8 +146,9 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
                 Some(path) => (read_export(&path)?, Vec::new()),
                 None => (read_db(&db)?, read_checkpoints(&db)?),
             };
+            let trusted = ledger::rotated_keys(&entries, &keys);
             let verified = ledger::verify(&entries, &keys).and_then(|n| {
-                ledger::verify_checkpoints(&entries, &checkpoints, &keys).map(|()| n)
+                ledger::verify_checkpoints(&entries, &checkpoints, &trusted).map(|()| n)
             });
             match verified {
                 Ok(n) => {

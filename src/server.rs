@@ -81,6 +81,8 @@ pub struct App {
     policy: RwLock<Arc<Policy>>,
     /// Where the policy is read from on reload; `None`: the embedded default.
     pub policy_path: Option<PathBuf>,
+    /// Where the database and the ledger keys live.
+    pub data_dir: PathBuf,
     pub budgets: Arc<Budgets>,
     pub routes: Routes,
     pub metrics: Metrics,
@@ -167,6 +169,7 @@ impl Server {
             registry,
             policy: RwLock::new(Arc::new(config.policy.clone())),
             policy_path: config.policy_path.clone(),
+            data_dir: config.server.data_dir.clone(),
             budgets,
             routes: Routes::new(&config, workers)?,
             metrics: Metrics::new(),
@@ -217,8 +220,7 @@ impl Server {
         signals.block_on(async {
             for config in self.sinks {
                 let lag = self.app.metrics.sink_lag.with_label_values(&[&config.name]);
-                let ledger = self.app.control.signer().key_id();
-                let sink = crate::sinks::Sink::new(config, self.app.store.clone(), ledger, lag);
+                let sink = crate::sinks::Sink::new(config, self.app.store.clone(), lag);
                 tokio::spawn(sink.run());
             }
             tokio::select! {

@@ -152,18 +152,14 @@ pub struct Sink {
     config: SinkConfig,
     store: Store,
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
-    /// The ledger's key id, part of every event id.
-    ledger_id: String,
+    /// The ledger's identity, part of every event id: the start of its first entry's
+    /// hash, which no key rotation or restart changes.
+    ledger_id: std::sync::OnceLock<String>,
     lag: prometheus::IntGauge,
 }
 
 impl Sink {
-    pub fn new(
-        config: SinkConfig,
-        store: Store,
-        ledger_id: String,
-        lag: prometheus::IntGauge,
-    ) -> Sink {
+    pub fn new(config: SinkConfig, store: Store, lag: prometheus::IntGauge) -> Sink {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);
@@ -177,7 +173,7 @@ impl Sink {
             config,
             store,
             http: Client::builder(TokioExecutor::new()).build(https),
-            ledger_id,
+            ledger_id: std::sync::OnceLock::new(),
             lag,
         }
     }
@@ -210,10 +206,8 @@ impl Sink {
             return Ok(0);
         };
 
-        let events: Vec<Value> = entries
-            .iter()
-            .map(|e| ocsf_event(e, &self.ledger_id))
-            .collect();
+        let ledger_id = self.ledger_id().await?;
+        let events: Vec<Value> = entries.iter().map(|e| ocsf_event(e, &ledger_id)).collect();
         match &self.config.kind {
             SinkKind::Webhook {
                 url,
@@ -247,6 +241,27 @@ impl Sink {
         self.advance(newest).await?;
         self.lag.set(last.saturating_sub(newest) as i64);
         Ok(entries.len())
+    }
+
+    /// The ledger's id (see the field), read once.
+    async fn ledger_id(self: &Arc<Self>) -> Result<String, SinkError> {
+        if let Some(id) = self.ledger_id.get() {
+            return Ok(id.clone());
+        }
+        let sink = Arc::clone(self);
+        let id: String = tokio::task::spawn_blocking(move || {
+            let conn = sink.store.connection()?;
+            conn.query_row("SELECT hash FROM ledger WHERE seq = 1", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .map_err(StoreError::from)
+        })
+        .await
+        .map_err(|e| SinkError::Setup(e.to_string()))??;
+        Ok(self
+            .ledger_id
+            .get_or_init(|| id.chars().take(16).collect())
+            .clone())
     }
 
     /// The cursor, the entries after it (one batch) and the ledger's last sequence number.

@@ -64,6 +64,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the usage writer has stopped")]
     WriterGone,
+    #[error("ledger key: {0}")]
+    Key(String),
     #[error("cannot start the usage writer thread: {0}")]
     Spawn(std::io::Error),
 }

@@ -212,3 +212,71 @@ fn checkpoints_catch_a_ledger_cut_short_and_prove_inclusion() {
         "a checkpoint altered"
     );
 }
+
+/// A key rotation: the old key signs an entry announcing the new one, which signs
+/// everything after; the first checkpoint after is signed by both. The ledger verifies
+/// with only the original public key.
+#[test]
+fn a_rotated_key_is_vouched_for_by_the_old_one() {
+    let (old, new) = (signer(7), signer(8));
+    let mut entries = chain(&old, 3);
+    let announce = |seq: u64, prev: String, kind: &str, details: serde_json::Value| Entry {
+        seq,
+        time: "2026-12-03T00:00:00.000Z".into(),
+        kind: kind.into(),
+        actor: "operator".into(),
+        subject: "ledger".into(),
+        details,
+        prev,
+    };
+    let push = |entries: &mut Vec<StoredEntry>, by: &Signer, entry: Entry| {
+        let sealed = by.seal(&entry);
+        entries.push(StoredEntry {
+            seq: entry.seq,
+            canonical: sealed.canonical,
+            hash: sealed.hash,
+            signature: sealed.signature,
+            key_id: sealed.key_id,
+        });
+    };
+    let details = serde_json::json!({"new_public_key": new.public_key_hex()});
+    let prev = entries[2].hash.clone();
+    push(
+        &mut entries,
+        &old,
+        announce(4, prev, "key_rotation", details),
+    );
+    let prev = entries[3].hash.clone();
+    push(
+        &mut entries,
+        &new,
+        announce(5, prev, "spawn", serde_json::json!({})),
+    );
+
+    let original = public(&old);
+    assert_eq!(verify(&entries, &original), Ok(5));
+    let canonicals: Vec<String> = entries.iter().map(|e| e.canonical.clone()).collect();
+    let mut checkpoint = new.checkpoint(&canonicals, "2026-12-03T00:00:01.000Z".into());
+    old.co_sign(&mut checkpoint);
+    let trusted = rotated_keys(&entries, &original);
+    assert_eq!(
+        verify_checkpoints(&entries, std::slice::from_ref(&checkpoint), &trusted),
+        Ok(())
+    );
+
+    // A "rotation" signed by a stranger introduces nothing.
+    let stranger = self::signer(9);
+    let mut forged = entries[..3].to_vec();
+    let details = serde_json::json!({"new_public_key": stranger.public_key_hex()});
+    let prev = entries[2].hash.clone();
+    push(
+        &mut forged,
+        &stranger,
+        announce(4, prev, "key_rotation", details),
+    );
+    assert_eq!(verify(&forged, &original).unwrap_err().seq, 4);
+
+    let mut half = checkpoint.clone();
+    half.co_signature = None;
+    assert!(verify_checkpoints(&entries, &[half], &trusted).is_err());
+}

@@ -42,6 +42,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/v1/ledger/public-key", get(ledger_public_key))
         .route("/v1/ledger", get(ledger_entries))
+        .route("/v1/ledger/rotate-key", post(rotate_ledger_key))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -265,6 +266,26 @@ fn entry_ms(entry: &serde_json::Value) -> i64 {
         .and_then(|t| humantime::parse_rfc3339(t).ok())
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `POST /v1/ledger/rotate-key` (operator): a new ledger key, announced by an entry
+/// signed with the old one; the checkpoint made at once is signed by both.
+async fn rotate_ledger_key(State(app): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    app.identities.authenticate_operator(&headers)?;
+    let worker = Arc::clone(&app);
+    let (seq, signer) = tokio::task::spawn_blocking(move || {
+        worker.control.rotate_key(&worker.data_dir, "operator")
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(format!("key rotation: {e}")))?;
+    tracing::info!(ledger.key_id = %signer.key_id(), "ledger key rotated");
+    Ok(Json(serde_json::json!({
+        "key_id": signer.key_id(),
+        "public_key": signer.public_key_hex(),
+        "evidence_id": format!("dec_{seq:012}"),
+    }))
+    .into_response())
 }
 
 /// `GET /v1/ledger/public-key`: the key that verifies the evidence ledger.

@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     root      TEXT    NOT NULL,
     time      TEXT    NOT NULL,
     key_id    TEXT    NOT NULL,
-    signature TEXT    NOT NULL
+    signature TEXT    NOT NULL,
+    co_key_id    TEXT,
+    co_signature TEXT
 );
 ";
 
@@ -109,8 +111,8 @@ pub struct Snapshot {
 
 pub struct ControlStore {
     conn: Mutex<Connection>,
-    /// Signs every ledger entry as it is appended.
-    signer: Signer,
+    /// Signs every ledger entry as it is appended; replaced by a key rotation.
+    signer: std::sync::RwLock<Signer>,
     /// The Merkle frontier of the committed ledger. Only changed while `conn` is held,
     /// after a commit, so it always matches what is stored.
     frontier: Mutex<Frontier>,
@@ -133,7 +135,7 @@ impl ControlStore {
 
         let control = ControlStore {
             conn: Mutex::new(conn),
-            signer,
+            signer: std::sync::RwLock::new(signer),
             frontier: Mutex::new(frontier),
         };
         if intact < entries.len() {
@@ -177,8 +179,47 @@ impl ControlStore {
         *self.frontier.lock().unwrap_or_else(|p| p.into_inner()) = frontier;
     }
 
-    pub fn signer(&self) -> &Signer {
-        &self.signer
+    /// The key signing new entries.
+    pub fn signer(&self) -> Signer {
+        self.signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rotates the ledger key: a `key_rotation` entry signed by the old key announces
+    /// the new one, and the next checkpoint (made at once) is signed by both.
+    pub fn rotate_key(
+        &self,
+        data_dir: &std::path::Path,
+        actor: &str,
+    ) -> Result<(i64, Signer), StoreError> {
+        let mut conn = self.lock();
+        let old = self.signer();
+        let new = old
+            .rotate(data_dir)
+            .map_err(|e| StoreError::Key(e.to_string()))?;
+
+        let announcement = DecisionRow {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            kind: "key_rotation",
+            actor: actor.to_owned(),
+            subject: "ledger".into(),
+            details: serde_json::json!({
+                "old_key_id": old.key_id(),
+                "new_key_id": new.key_id(),
+                "new_public_key": new.public_key_hex(),
+            }),
+        };
+        let mut frontier = self.frontier();
+        let tx = conn.transaction()?;
+        let seq = append(&tx, &old, &mut frontier, &announcement)?;
+        insert_checkpoint(&tx, &new, Some(&old), seq, frontier.root())?;
+        tx.commit()?;
+        self.set_frontier(frontier);
+
+        *self.signer.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        Ok((seq, new))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -277,7 +318,7 @@ impl ControlStore {
             ],
         )?;
         let seq = decision
-            .map(|d| append(&tx, &self.signer, &mut frontier, d))
+            .map(|d| append(&tx, &self.signer(), &mut frontier, d))
             .transpose()?;
         tx.commit()?;
         self.set_frontier(frontier);
@@ -301,7 +342,7 @@ impl ControlStore {
         }
         let seqs = decisions
             .iter()
-            .map(|d| append(&tx, &self.signer, &mut frontier, d))
+            .map(|d| append(&tx, &self.signer(), &mut frontier, d))
             .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         self.set_frontier(frontier);
@@ -322,7 +363,7 @@ impl ControlStore {
             "UPDATE agents SET trust = ?2 WHERE key = ?1",
             params![key as i64, trust],
         )?;
-        let seq = append(&tx, &self.signer, &mut frontier, decision)?;
+        let seq = append(&tx, &self.signer(), &mut frontier, decision)?;
         tx.commit()?;
         self.set_frontier(frontier);
         Ok(seq)
@@ -342,7 +383,7 @@ impl ControlStore {
         if size == covered {
             return Ok(None);
         }
-        insert_checkpoint(&tx, &self.signer, size, self.frontier().root())?;
+        insert_checkpoint(&tx, &self.signer(), None, size, self.frontier().root())?;
         tx.commit()?;
         Ok(Some(size as u64))
     }
@@ -352,7 +393,7 @@ impl ControlStore {
         let mut conn = self.lock();
         let mut frontier = self.frontier();
         let tx = conn.transaction()?;
-        let seq = append(&tx, &self.signer, &mut frontier, decision)?;
+        let seq = append(&tx, &self.signer(), &mut frontier, decision)?;
         tx.commit()?;
         self.set_frontier(frontier);
         Ok(seq)
@@ -471,7 +512,7 @@ fn append(
     )?;
     frontier.push(merkle::leaf_hash(sealed.canonical.as_bytes()));
     if (seq as u64).is_multiple_of(CHECKPOINT_EVERY) {
-        insert_checkpoint(tx, signer, seq, frontier.root())?;
+        insert_checkpoint(tx, signer, None, seq, frontier.root())?;
     }
     Ok(seq)
 }
@@ -480,17 +521,31 @@ fn append(
 pub const CHECKPOINT_EVERY: u64 = 64;
 
 /// Signs and stores a checkpoint over entries 1..=size, whose Merkle root is `root`.
+/// Signs and stores a checkpoint, co-signed by `co_signer` (the key before a rotation).
 fn insert_checkpoint(
     tx: &rusqlite::Transaction<'_>,
     signer: &Signer,
+    co_signer: Option<&Signer>,
     size: i64,
     root: merkle::Hash,
 ) -> Result<(), StoreError> {
     let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    let checkpoint = signer.sign_checkpoint(size as u64, &root, time);
+    let mut checkpoint = signer.sign_checkpoint(size as u64, &root, time);
+    if let Some(co_signer) = co_signer {
+        co_signer.co_sign(&mut checkpoint);
+    }
     tx.execute(
-        "INSERT OR REPLACE INTO checkpoints (size, root, time, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![size, checkpoint.root, checkpoint.time, checkpoint.key_id, checkpoint.signature],
+        "INSERT OR REPLACE INTO checkpoints (size, root, time, key_id, signature, co_key_id, co_signature)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            size,
+            checkpoint.root,
+            checkpoint.time,
+            checkpoint.key_id,
+            checkpoint.signature,
+            checkpoint.co_key_id,
+            checkpoint.co_signature
+        ],
     )?;
     Ok(())
 }
@@ -498,7 +553,7 @@ fn insert_checkpoint(
 /// Every checkpoint, smallest first.
 pub fn read_checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>, StoreError> {
     let mut stmt =
-        conn.prepare("SELECT size, root, time, key_id, signature FROM checkpoints ORDER BY size")?;
+        conn.prepare("SELECT size, root, time, key_id, signature, co_key_id, co_signature FROM checkpoints ORDER BY size")?;
     let checkpoints = stmt
         .query_map([], |row| {
             Ok(Checkpoint {
@@ -507,6 +562,8 @@ pub fn read_checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>, StoreError
                 time: row.get(2)?,
                 key_id: row.get(3)?,
                 signature: row.get(4)?,
+                co_key_id: row.get(5)?,
+                co_signature: row.get(6)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;

@@ -316,3 +316,75 @@ async fn a_crash_during_a_spawn_burst_loses_no_acknowledged_record() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+/// Rotating the ledger key through the operator endpoint: entries after it are signed
+/// by the new key, the checkpoint at the rotation by both, and the whole ledger still
+/// verifies with only the original public key.
+#[tokio::test]
+async fn key_rotation_keeps_the_ledger_verifiable_with_the_first_key() {
+    let h = Harness::start().await;
+    let spawn = |name: &'static str| {
+        let url = h.url("/v1/agents");
+        async move {
+            let body = json!({"parent": "lead-quarterly-orchestrator", "name": name,
+                "budget": {"daily_limit": "1.00"}, "permissions": {"restrict_to": ["models.small"]}});
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(CASE_LEAD_KEY)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+        }
+    };
+    spawn("before").await;
+
+    let db = h.database();
+    let first_key = db.with_file_name("first-public.key");
+    std::fs::copy(db.with_file_name("ledger-public.key"), &first_key).unwrap();
+
+    let response = reqwest::Client::new()
+        .post(h.url("/v1/ledger/rotate-key"))
+        .bearer_auth(OPERATOR_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let rotated: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    spawn("after").await;
+
+    let served: Value = serde_json::from_slice(
+        &reqwest::get(h.url("/v1/ledger/public-key"))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(served["public_key"], rotated["public_key"]);
+    assert_ne!(
+        served["public_key"].as_str().unwrap(),
+        std::fs::read_to_string(&first_key).unwrap().trim()
+    );
+
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (kind, co_key): (String, Option<String>) = conn
+        .query_row(
+            "SELECT l.kind, c.co_key_id FROM ledger l JOIN checkpoints c ON c.size = l.seq WHERE l.seq = 2",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((kind.as_str(), co_key.is_some()), ("key_rotation", true));
+
+    let (ok, out) = warden_ledger(&[
+        "verify",
+        "--db",
+        db.to_str().unwrap(),
+        "--public-key",
+        first_key.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("3 entries verified"), "{out}");
+}
