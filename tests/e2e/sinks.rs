@@ -171,3 +171,35 @@ async fn syslog_receiver_gets_rfc_5424_messages() {
         assert_eq!(event["metadata"]["sequence"], n as u64 + 1);
     }
 }
+
+/// The file sink appends one OCSF event per decision, as JSON lines, in order.
+#[tokio::test]
+async fn file_sink_writes_ocsf_json_lines() {
+    let out = std::env::temp_dir().join(format!("warden-file-sink-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let sink = format!(
+        "[[sinks]]\nname = \"archive\"\nkind = \"file\"\npath = \"{}\"\n",
+        out.display()
+    );
+    let h = Harness::start_with(&sink).await;
+    decisions(&h, 3).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut lines = Vec::new();
+    while lines.len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        lines = std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (n, line) in lines.iter().enumerate() {
+        let event: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(event["class_uid"], 6003);
+        assert_eq!(event["metadata"]["sequence"], n as u64 + 1);
+        assert_eq!(event["unmapped"]["entry"]["kind"], "spawn_refused");
+    }
+    std::fs::remove_file(&out).unwrap();
+}
