@@ -171,15 +171,32 @@ fn budget_view(agent: &Agent, view: Option<crate::budget::BudgetView>) -> Budget
     }
 }
 
-/// The caller, and the agent it may act on (itself and its descendants).
-fn authorize(app: &App, headers: &HeaderMap, target: &Agent) -> Result<(), ApiError> {
+/// Checks that the caller may act on `target` (itself or a descendant; the operator
+/// on anything) and returns who the caller is, as decision records name it.
+fn authorize(app: &App, headers: &HeaderMap, target: &Agent) -> Result<String, ApiError> {
     match app.identities.authenticate(headers)? {
-        Caller::Operator => Ok(()),
-        Caller::Agent(caller) if app.registry.is_within(target, caller.key) => Ok(()),
+        Caller::Operator => Ok(OPERATOR.to_owned()),
+        Caller::Agent(caller) if app.registry.is_within(target, caller.key) => {
+            Ok(caller.spiffe_id.to_string())
+        }
         Caller::Agent(caller) => Err(ApiError::NotYourAgent {
             caller: caller.spiffe_id.to_string(),
             target: target.spiffe_id.to_string(),
         }),
+    }
+}
+
+/// How decision records name the operator.
+const OPERATOR: &str = "operator";
+
+/// Where a spawn reads and writes, under the policy in force.
+fn fleet<'a>(app: &'a App, policy: &'a crate::policy::Policy) -> Fleet<'a> {
+    Fleet {
+        registry: &app.registry,
+        identities: &app.identities,
+        budgets: &app.budgets,
+        policy,
+        decisions: &app.decisions,
     }
 }
 
@@ -228,19 +245,12 @@ pub async fn create(
     let asked = (request.parent.clone(), request.name.clone());
     let actor = caller
         .as_ref()
-        .map_or_else(|| "operator".to_owned(), |c| c.spiffe_id.to_string());
+        .map_or_else(|| OPERATOR.to_owned(), |c| c.spiffe_id.to_string());
 
     let worker = Arc::clone(&app);
     let spawned = tokio::task::spawn_blocking(move || {
         let policy = worker.policy();
-        let fleet = Fleet {
-            registry: &worker.registry,
-            identities: &worker.identities,
-            budgets: &worker.budgets,
-            policy: &policy,
-            decisions: &worker.decisions,
-        };
-        spawn(request, caller.as_deref(), fleet)
+        spawn(request, caller.as_deref(), fleet(&worker, &policy))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("spawn: {e}")))?;
@@ -373,11 +383,7 @@ pub async fn terminate(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let agent = find(&app, &id)?;
-    authorize(&app, &headers, &agent)?;
-    let actor = match app.identities.authenticate(&headers)? {
-        Caller::Operator => "operator".to_owned(),
-        Caller::Agent(caller) => caller.spiffe_id.to_string(),
-    };
+    let actor = authorize(&app, &headers, &agent)?;
 
     let (ended, evidence) = end(&app, &agent, EndReason::Terminated, &actor).await?;
 
@@ -413,7 +419,7 @@ pub async fn replace(
     body: Body,
 ) -> Result<Response, ApiError> {
     let old = find(&app, &id)?;
-    authorize(&app, &headers, &old)?;
+    let actor = authorize(&app, &headers, &old)?;
     let parent = old
         .parent
         .and_then(|p| app.registry.get(p))
@@ -423,10 +429,6 @@ pub async fn replace(
                 old.spiffe_id
             ))
         })?;
-    let actor = match app.identities.authenticate(&headers)? {
-        Caller::Operator => "operator".to_owned(),
-        Caller::Agent(caller) => caller.spiffe_id.to_string(),
-    };
     let asked: ReplaceRequest = optional_body(&app, body).await?;
 
     if old.is_live() {
@@ -439,14 +441,7 @@ pub async fn replace(
     let worker = Arc::clone(&app);
     let (spawned, evidence) = tokio::task::spawn_blocking(move || {
         let policy = worker.policy();
-        let fleet = Fleet {
-            registry: &worker.registry,
-            identities: &worker.identities,
-            budgets: &worker.budgets,
-            policy: &policy,
-            decisions: &worker.decisions,
-        };
-        let spawned = spawn(request, Some(&parent), fleet)?;
+        let spawned = spawn(request, Some(&parent), fleet(&worker, &policy))?;
         let decision = Decision::replacement(&actor, &old, &spawned.agent);
         let evidence = worker
             .decisions
@@ -494,7 +489,7 @@ pub async fn quarantine(
     app.identities.revoke(&agent);
     app.budgets.freeze(agent.key);
     let reason = asked.reason.unwrap_or_else(|| "operator action".into());
-    let decision = Decision::quarantine("operator", &agent, &reason);
+    let decision = Decision::quarantine(OPERATOR, &agent, &reason);
     let (decisions, stored) = (app.decisions.clone(), Arc::clone(&agent));
     let evidence = tokio::task::spawn_blocking(move || decisions.trust_changed(&stored, &decision))
         .await
@@ -516,7 +511,7 @@ pub async fn quarantine(
     security(("bearer" = [])))]
 pub async fn reload(State(app): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     app.identities.authenticate_operator(&headers)?;
-    let evidence = reload_policy(&app, "operator").await?;
+    let evidence = reload_policy(&app, OPERATOR).await?;
     Ok(Json(serde_json::json!({ "reloaded": true, "evidence_id": evidence })).into_response())
 }
 

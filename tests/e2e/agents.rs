@@ -5,31 +5,6 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-/// A control-plane call as `key`; returns the status and the JSON body.
-async fn call(
-    h: &Harness,
-    method: reqwest::Method,
-    path: &str,
-    key: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .request(method, h.url(path))
-        .bearer_auth(key);
-    if let Some(body) = body {
-        request = request
-            .header("content-type", "application/json")
-            .body(body.to_string());
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let bytes = response.bytes().await.unwrap();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
 fn spawn_body(parent: &str, name: &str, slice: &str, scopes: &[&str], lifetime: &str) -> Value {
     json!({
         "parent": parent,

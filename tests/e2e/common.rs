@@ -395,6 +395,32 @@ fn spawn_warden(dir: &Path) -> (Child, String) {
     (child, addr)
 }
 
+/// An authenticated call as `key`, with an optional JSON body; returns the status and
+/// the JSON answer (`null` when there is none).
+pub async fn call(
+    h: &Harness,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, h.url(path))
+        .bearer_auth(key);
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
 /// Exact cost of a mock-model request in USD, computed independently of Warden.
 pub fn mock_cost(input_tokens: u64, output_tokens: u64) -> Decimal {
     let (input, _, output) = SMALL_PRICE;

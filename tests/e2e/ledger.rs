@@ -25,22 +25,25 @@ async fn decisions_verify_offline_and_tampering_is_named() {
     for name in ["fetcher-a", "fetcher-b"] {
         let body = json!({"parent": "lead-quarterly-orchestrator", "name": name,
             "budget": {"daily_limit": "5.00"}, "permissions": {"restrict_to": ["models.small"]}});
-        let response = reqwest::Client::new()
-            .post(h.url("/v1/agents"))
-            .bearer_auth(CASE_LEAD_KEY)
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        let (status, _) = call(
+            &h,
+            reqwest::Method::POST,
+            "/v1/agents",
+            CASE_LEAD_KEY,
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 201);
     }
-    let response = reqwest::Client::new()
-        .delete(h.url("/v1/agents/fetcher-a"))
-        .bearer_auth(CASE_LEAD_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let (status, _) = call(
+        &h,
+        reqwest::Method::DELETE,
+        "/v1/agents/fetcher-a",
+        CASE_LEAD_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
 
     let db = h.database();
     let key = db.with_file_name("ledger-public.key");
@@ -145,26 +148,23 @@ async fn ledger_query_filters_and_pages() {
     for n in 0..5 {
         let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("worker-{n}"),
             "budget": {"daily_limit": "1.00"}, "permissions": {"restrict_to": ["models.small"]}});
-        let response = reqwest::Client::new()
-            .post(h.url("/v1/agents"))
-            .bearer_auth(CASE_LEAD_KEY)
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        let (status, _) = call(
+            &h,
+            reqwest::Method::POST,
+            "/v1/agents",
+            CASE_LEAD_KEY,
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 201);
     }
     let get = |query: String| {
-        let url = h.url(&format!("/v1/ledger?{query}"));
+        let h = &h;
         async move {
-            let response = reqwest::Client::new()
-                .get(url)
-                .bearer_auth(OPERATOR_KEY)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            serde_json::from_slice::<Value>(&response.bytes().await.unwrap()).unwrap()
+            let path = format!("/v1/ledger?{query}");
+            let (status, page) = call(h, reqwest::Method::GET, &path, OPERATOR_KEY, None).await;
+            assert_eq!(status, 200);
+            page
         }
     };
 
@@ -181,13 +181,8 @@ async fn ledger_query_filters_and_pages() {
     assert_eq!(data[0]["entry"]["kind"], "spawn");
     assert_eq!(data[0]["hash"].as_str().unwrap().len(), 64);
 
-    let response = reqwest::Client::new()
-        .get(h.url("/v1/ledger"))
-        .bearer_auth(CASE_LEAD_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 403, "operator only");
+    let (status, _) = call(&h, reqwest::Method::GET, "/v1/ledger", CASE_LEAD_KEY, None).await;
+    assert_eq!(status, 403, "operator only");
 }
 
 /// Every 64 entries a signed checkpoint covers the ledger's Merkle root: an entry's
@@ -198,14 +193,15 @@ async fn checkpoints_prove_inclusion_and_catch_truncation() {
     for n in 0..65 {
         let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("x-{n}"),
             "budget": {"daily_limit": "1.00"}, "trust": {"initial_level": "TRUSTED"}});
-        let response = reqwest::Client::new()
-            .post(h.url("/v1/agents"))
-            .bearer_auth(CASE_LEAD_KEY)
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 403, "each refusal is a ledger entry");
+        let (status, _) = call(
+            &h,
+            reqwest::Method::POST,
+            "/v1/agents",
+            CASE_LEAD_KEY,
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 403, "each refusal is a ledger entry");
     }
 
     let db = h.database();
