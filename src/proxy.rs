@@ -38,7 +38,7 @@ use crate::decisions::Decision;
 use crate::error::ApiError;
 use crate::identity::Agent;
 use crate::metering::{self, StreamFormat, StreamMeter};
-use crate::policy::UnlistedTools;
+use crate::policy::{Manifest, UnlistedTools};
 use crate::server::App;
 
 pub use relay::Relay;
@@ -187,8 +187,9 @@ async fn serve(
         .await
         .map_err(refuse)?;
     let inspected = inspect(endpoint, &body).map_err(refuse)?;
-    let route = admit(app, &agent, &inspected.model).map_err(refuse)?;
-    let unlisted = unlisted_tools(app, &agent, &inspected).map_err(refuse)?;
+    let manifest = agent.manifest();
+    let route = admit(app, &manifest, &inspected.model).map_err(refuse)?;
+    let unlisted = unlisted_tools(app, &manifest, &inspected).map_err(refuse)?;
     let stream = inspected.stream;
     let client_wants_usage = inspected.include_usage;
     let prompt_bound = body.len() as u64;
@@ -325,15 +326,11 @@ fn extend_lease(app: &App, agent: AgentKey, ceiling: Amount) {
 /// returned to be stripped, as policy says.
 fn unlisted_tools(
     app: &App,
-    agent: &Agent,
+    manifest: &Manifest,
     inspected: &request::Inspected<'_>,
 ) -> Result<Vec<String>, ApiError> {
     let mut unlisted = Vec::new();
-    for tool in inspected
-        .tools
-        .iter()
-        .filter(|t| !agent.manifest().allows_tool(t))
-    {
+    for tool in inspected.tools.iter().filter(|t| !manifest.allows_tool(t)) {
         match app.policy().unlisted_tools {
             UnlistedTools::Refuse => return Err(ApiError::ToolNotPermitted(tool.to_string())),
             UnlistedTools::Strip => unlisted.push(tool.to_string()),
@@ -342,13 +339,13 @@ fn unlisted_tools(
     Ok(unlisted)
 }
 
-/// The admit phase: the model exists here and this agent may use it.
-fn admit(app: &App, agent: &Agent, model: &str) -> Result<Arc<Route>, ApiError> {
+/// The admit phase: the model exists here and the agent's manifest grants it.
+fn admit(app: &App, manifest: &Manifest, model: &str) -> Result<Arc<Route>, ApiError> {
     let route = app
         .routes
         .get(model)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
-    if !agent.manifest().allows_model(model) {
+    if !manifest.allows_model(model) {
         return Err(ApiError::ModelNotPermitted(model.to_owned()));
     }
     Ok(Arc::clone(route))
