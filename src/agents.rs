@@ -185,6 +185,8 @@ pub struct Registry {
     /// Each lead's delegation rules.
     delegation: DashMap<AgentKey, Delegation>,
     next_key: AtomicU64,
+    /// Spawns between their checks and their commit; its lock is the spawn lock.
+    spawning: Mutex<spawn::Pending>,
 }
 
 impl Registry {
@@ -204,6 +206,7 @@ impl Registry {
             children: DashMap::new(),
             delegation: DashMap::new(),
             next_key: AtomicU64::new(snapshot.agents.iter().map(|a| a.key).max().unwrap_or(0) + 1),
+            spawning: Mutex::default(),
         };
 
         for lead in &policy.leads {
@@ -382,20 +385,24 @@ impl Registry {
     /// Ends `agent` and every descendant, deepest first: each stops authenticating,
     /// and each unspent slice returns to its parent. Returns the agents ended now.
     pub fn end(&self, agent: &Agent, reason: EndReason, budgets: &Budgets) -> Vec<Arc<Agent>> {
+        let Some(agent) = self.get(agent.key) else {
+            return Vec::new();
+        };
+        {
+            let mut state = agent.ended.lock().unwrap_or_else(|p| p.into_inner());
+            if state.is_some() {
+                return Vec::new();
+            }
+            *state = Some((SystemTime::now(), reason));
+        }
+
+        // Marked before its children are listed: a spawn that publishes a child after
+        // the mark finds its parent ended and ends the child itself (see `spawn`); one
+        // that published before it is in the list.
         let mut ended = Vec::new();
         for child in self.children(agent.key) {
             ended.extend(self.end(&child, EndReason::Cascaded, budgets));
         }
-
-        let Some(agent) = self.get(agent.key) else {
-            return ended;
-        };
-        let mut state = agent.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if state.is_some() {
-            return ended;
-        }
-        *state = Some((SystemTime::now(), reason));
-        drop(state);
 
         self.live_ids.remove(&agent.spiffe_id);
         budgets.end(agent.key);

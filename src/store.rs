@@ -14,6 +14,7 @@
 //! the writer writes. They first ask the writer to flush, so a record settled before
 //! the query is always in its answer.
 
+mod commit;
 pub mod control;
 
 use std::path::{Path, PathBuf};
@@ -62,8 +63,10 @@ pub enum StoreError {
     },
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("the usage writer has stopped")]
+    #[error("the store's writer thread has stopped")]
     WriterGone,
+    #[error("commit failed: {0}")]
+    Commit(String),
     #[error("ledger key: {0}")]
     Key(String),
     #[error("cannot start the usage writer thread: {0}")]

@@ -4,12 +4,15 @@
 //! The order matters: everything that can refuse runs before anything changes, and the
 //! one check that is also a change (carving the slice out of the parent's budget) runs
 //! last, under the registry's spawn lock, so a refused spawn leaves no trace and two
-//! concurrent spawns cannot both take the same room, name or child slot.
+//! concurrent spawns cannot both take the same room, name or child slot. The lock is
+//! not held while the spawn is made durable: the name and child slot stay reserved
+//! (see [`Pending`]) and the child is published afterwards, so spawns in flight
+//! together share one commit.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::AtomicU8;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rust_decimal::Decimal;
@@ -17,12 +20,13 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
-use super::{Agent, Registry, TrustLevel, child_manifest, expiry};
-use crate::budget::{Amount, BudgetError, Budgets};
+use super::{Agent, EndReason, Registry, TrustLevel, child_manifest, expiry};
+use crate::budget::{AgentKey, Amount, BudgetError, Budgets};
 use crate::decisions::{Decision, DecisionLog};
 use crate::error::ApiError;
 use crate::identity::Identities;
 use crate::policy::Policy;
+use crate::store::StoreError;
 
 /// `POST /v1/agents`: the child to spawn.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -110,9 +114,37 @@ struct Terms {
 
 const DEFAULT_PROMOTE_AFTER: u32 = 3;
 
-fn spawn_lock() -> &'static Mutex<()> {
-    static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
-    LOCK.get_or_init(|| Mutex::new(()))
+/// Spawns that passed their checks and are being made durable: their names are
+/// taken and they count against their parents' child limits.
+#[derive(Debug, Default)]
+pub struct Pending {
+    names: HashSet<Arc<str>>,
+    children: HashMap<AgentKey, usize>,
+}
+
+impl Pending {
+    fn hold(&mut self, parent: AgentKey, name: &Arc<str>) {
+        self.names.insert(Arc::clone(name));
+        *self.children.entry(parent).or_default() += 1;
+    }
+
+    fn release(&mut self, parent: AgentKey, name: &str) {
+        self.names.remove(name);
+        if let Some(count) = self.children.get_mut(&parent) {
+            *count -= 1;
+            if *count == 0 {
+                self.children.remove(&parent);
+            }
+        }
+    }
+
+    fn children_of(&self, parent: AgentKey) -> usize {
+        self.children.get(&parent).copied().unwrap_or(0)
+    }
+}
+
+fn spawn_lock(registry: &Registry) -> MutexGuard<'_, Pending> {
+    registry.spawning.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Spawns a child of `request.parent` on behalf of `caller` (`None`: the operator).
@@ -122,13 +154,7 @@ pub fn spawn(
     caller: Option<&Agent>,
     fleet: Fleet<'_>,
 ) -> Result<Spawned, ApiError> {
-    let Fleet {
-        registry,
-        identities,
-        budgets,
-        policy,
-        decisions,
-    } = fleet;
+    let registry = fleet.registry;
     let parent = registry
         .find(&request.parent)
         .ok_or_else(|| ApiError::AgentNotFound(request.parent.clone()))?;
@@ -143,54 +169,14 @@ pub fn spawn(
     check_name(&request.name)?;
     let terms = terms(&request, &parent, registry)?;
 
-    let _guard = spawn_lock().lock().unwrap_or_else(|p| p.into_inner());
-    check_parent(&parent, registry)?;
-    let spiffe_id = format!(
-        "spiffe://{}/agent/{}/{}",
-        policy.trust_domain,
-        parent.tenant(),
-        request.name
-    );
-    if registry.live_ids.contains_key(spiffe_id.as_str()) {
-        return Err(ApiError::NameTaken { spiffe_id });
-    }
-
-    let key = registry.next_key();
-    budgets
-        .delegate(parent.key, key, terms.slice)
-        .map_err(|e| slice_refused(&parent, e))?;
-
-    let api_key = new_key();
-    let now = SystemTime::now();
-    let agent = Arc::new(Agent {
-        key,
-        id: format!("agt_{:016x}", random_u64()),
-        name: request.name,
-        spiffe_id: spiffe_id.into(),
-        parent: Some(parent.key),
-        lead: parent.lead,
-        depth: parent.depth + 1,
-        manifest: RwLock::new(Arc::new(child_manifest(policy, &terms.scopes))),
-        granted: terms.scopes.clone(),
-        limit: terms.slice,
-        promote_after: terms.promote_after,
-        created_at: now,
-        expires_at: Some(expiry(now, terms.lifetime, &parent)),
-        key_hash: Sha256::digest(api_key.as_bytes()).into(),
-        trust: AtomicU8::new(TrustLevel::Watched as u8),
-        ended: Mutex::new(None),
-    });
+    let (agent, api_key) = reserve(request.name, &parent, &terms, &fleet)?;
 
     // Durable before it exists: a crash after this keeps the child, one before it
     // never acknowledged it.
     let actor = caller.map_or_else(|| "operator".to_owned(), |c| c.spiffe_id.to_string());
     let decision = Decision::spawn(&actor, &parent, &agent);
-    let evidence_id = decisions.spawned(&agent.row(), &decision).map_err(|e| {
-        budgets.end(key);
-        ApiError::Internal(format!("spawn not stored: {e}"))
-    })?;
-    registry.insert(Arc::clone(&agent));
-    identities.insert(Arc::clone(&agent));
+    let stored = fleet.decisions.spawned(&agent.row(), &decision);
+    let evidence_id = publish(&parent, &agent, stored, &fleet)?;
     tracing::info!(
         agent.id = %agent.spiffe_id, parent = %parent.spiffe_id,
         slice_usd = %terms.slice.to_usd(), scopes = ?terms.scopes, "agent spawned"
@@ -200,6 +186,97 @@ pub fn spawn(
         api_key,
         evidence_id,
     })
+}
+
+/// Under the spawn lock: the last checks, the slice carved out of the parent's budget
+/// and the name and child slot held, for a child not yet visible to anyone.
+fn reserve(
+    name: String,
+    parent: &Agent,
+    terms: &Terms,
+    fleet: &Fleet<'_>,
+) -> Result<(Arc<Agent>, String), ApiError> {
+    let (registry, budgets, policy) = (fleet.registry, fleet.budgets, fleet.policy);
+    let mut pending = spawn_lock(registry);
+    check_parent(parent, registry, pending.children_of(parent.key))?;
+    let spiffe_id: Arc<str> = format!(
+        "spiffe://{}/agent/{}/{}",
+        policy.trust_domain,
+        parent.tenant(),
+        name
+    )
+    .into();
+    if registry.live_ids.contains_key(&spiffe_id) || pending.names.contains(&spiffe_id) {
+        return Err(ApiError::NameTaken {
+            spiffe_id: spiffe_id.to_string(),
+        });
+    }
+
+    let key = registry.next_key();
+    budgets
+        .delegate(parent.key, key, terms.slice)
+        .map_err(|e| slice_refused(parent, e))?;
+    pending.hold(parent.key, &spiffe_id);
+
+    let api_key = new_key();
+    let now = SystemTime::now();
+    let agent = Agent {
+        key,
+        id: format!("agt_{:016x}", random_u64()),
+        name,
+        spiffe_id,
+        parent: Some(parent.key),
+        lead: parent.lead,
+        depth: parent.depth + 1,
+        manifest: RwLock::new(Arc::new(child_manifest(policy, &terms.scopes))),
+        granted: terms.scopes.clone(),
+        limit: terms.slice,
+        promote_after: terms.promote_after,
+        created_at: now,
+        expires_at: Some(expiry(now, terms.lifetime, parent)),
+        key_hash: Sha256::digest(api_key.as_bytes()).into(),
+        trust: AtomicU8::new(TrustLevel::Watched as u8),
+        ended: Mutex::new(None),
+    };
+    Ok((Arc::new(agent), api_key))
+}
+
+/// After the commit: a stored child joins the registry and can authenticate; one that
+/// could not be stored gives its slice back. A parent ended while the child was being
+/// stored takes the child with it, recorded like any cascade.
+fn publish(
+    parent: &Agent,
+    agent: &Arc<Agent>,
+    stored: Result<String, StoreError>,
+    fleet: &Fleet<'_>,
+) -> Result<String, ApiError> {
+    let (registry, budgets) = (fleet.registry, fleet.budgets);
+    {
+        let mut pending = spawn_lock(registry);
+        pending.release(parent.key, &agent.spiffe_id);
+        if let Err(e) = &stored {
+            budgets.end(agent.key);
+            return Err(ApiError::Internal(format!("spawn not stored: {e}")));
+        }
+        registry.insert(Arc::clone(agent));
+        fleet.identities.insert(Arc::clone(agent));
+    }
+
+    if !parent.is_live() {
+        let ended = registry.end(agent, EndReason::Cascaded, budgets);
+        for agent in &ended {
+            fleet.identities.revoke(agent);
+        }
+        fleet
+            .decisions
+            .ended("warden", &ended)
+            .map_err(|e| ApiError::Internal(format!("termination not stored: {e}")))?;
+        return Err(ApiError::ParentUnavailable {
+            parent: parent.spiffe_id.to_string(),
+            state: "ended",
+        });
+    }
+    stored.map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 impl SpawnRequest {
@@ -290,7 +367,9 @@ fn terms(request: &SpawnRequest, parent: &Agent, registry: &Registry) -> Result<
 
 /// Checks that can change while a spawn waits for the lock: the parent still lives
 /// and still has a free child slot.
-fn check_parent(parent: &Agent, registry: &Registry) -> Result<(), ApiError> {
+/// The parent can take one more child: live, not quarantined, under its child limit
+/// counting the `pending` spawns under it.
+fn check_parent(parent: &Agent, registry: &Registry, pending: usize) -> Result<(), ApiError> {
     if !parent.is_live() {
         return Err(ApiError::ParentUnavailable {
             parent: parent.spiffe_id.to_string(),
@@ -311,7 +390,8 @@ fn check_parent(parent: &Agent, registry: &Registry) -> Result<(), ApiError> {
         .children(parent.key)
         .iter()
         .filter(|c| c.is_live())
-        .count();
+        .count()
+        + pending;
     if live >= rules.max_children {
         return Err(ApiError::DelegationDenied(format!(
             "{} already has {live} live children; policy allows {}",

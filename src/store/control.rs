@@ -1,21 +1,19 @@
 //! The control store: agents, budget leases and the evidence ledger, written
-//! synchronously (these are the facts a crash must not lose) on one connection.
+//! synchronously (these are the facts a crash must not lose) by one writer thread.
 //!
-//! Each write is one transaction, committed before the caller acknowledges anything:
-//! a spawn's agent row and its decision record together, a termination's rows and
-//! records together, a lease before the amount it covers is spent. WAL mode with
-//! `synchronous = NORMAL` makes a commit survive a killed process.
-//!
-//! Limitation: with `synchronous = NORMAL` a commit is not fsynced, so a power cut or
-//! kernel crash (not a killed process) can lose the last commits: a spawn that was
-//! acknowledged may be missing, and a lease may be lower than what was spent. `FULL`
-//! would close that at the cost of an fsync per spawn and per lease extension.
+//! Each write is atomic and committed before the caller acknowledges anything: a
+//! spawn's agent row and its decision record together, a termination's rows and records
+//! together, a lease before the amount it covers is spent. Writes that arrive together
+//! share a transaction (group commit, see `commit`), and every commit is fsynced
+//! (`synchronous = FULL`), so an acknowledged decision survives a killed process and a
+//! power cut alike.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::commit::{Committer, Stats};
 use super::{Store, StoreError};
 use crate::budget::{AgentKey, Amount, LeaseStore};
 use sha2::{Digest, Sha256};
@@ -110,12 +108,24 @@ pub struct Snapshot {
 }
 
 pub struct ControlStore {
-    conn: Mutex<Connection>,
-    /// Signs every ledger entry as it is appended; replaced by a key rotation.
-    signer: std::sync::RwLock<Signer>,
-    /// The Merkle frontier of the committed ledger. Only changed while `conn` is held,
-    /// after a commit, so it always matches what is stored.
-    frontier: Mutex<Frontier>,
+    /// Startup reads (the restore, a lead's earlier key); WAL lets them run beside the
+    /// writer.
+    reader: Mutex<Connection>,
+    /// Every write, group-committed by one thread that owns the ledger's tail.
+    writer: Committer<Tail>,
+    /// The key signing new entries, as last committed (the writer keeps its own copy).
+    signer: RwLock<Signer>,
+}
+
+/// The end of the committed ledger, kept by the writer so an append reads nothing.
+#[derive(Clone)]
+struct Tail {
+    seq: i64,
+    hash: String,
+    frontier: Frontier,
+    signer: Signer,
+    /// The size the newest checkpoint covers.
+    checkpointed: i64,
 }
 
 impl ControlStore {
@@ -126,17 +136,22 @@ impl ControlStore {
     pub fn open(store: &Store, signer: Signer) -> Result<ControlStore, StoreError> {
         let conn = store.connection()?;
         conn.execute_batch(SCHEMA)?;
+        // Acknowledged means on disk: every commit of the writer is fsynced, one fsync
+        // per group of writes.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+
         let entries = read_ledger(&conn)?;
         let intact = intact_prefix(&entries);
-        let mut frontier = Frontier::default();
-        for entry in &entries[..intact] {
-            frontier.push(merkle::leaf_hash(entry.canonical.as_bytes()));
-        }
+        let checkpointed: i64 =
+            conn.query_row("SELECT COALESCE(MAX(size), 0) FROM checkpoints", [], |r| {
+                r.get(0)
+            })?;
+        let tail = Tail::of(&entries[..intact], signer.clone(), checkpointed);
 
         let control = ControlStore {
-            conn: Mutex::new(conn),
-            signer: std::sync::RwLock::new(signer),
-            frontier: Mutex::new(frontier),
+            reader: Mutex::new(store.connection()?),
+            writer: Committer::start(conn, tail)?,
+            signer: RwLock::new(signer),
         };
         if intact < entries.len() {
             control.cut_torn_tail(intact as u64 + 1, entries.len() as u64)?;
@@ -144,39 +159,25 @@ impl ControlStore {
         Ok(control)
     }
 
-    /// Deletes entries `first..=last` and records that it did.
+    /// Deletes entries `first..=last` and records that it did, in one transaction.
     fn cut_torn_tail(&self, first: u64, last: u64) -> Result<(), StoreError> {
         tracing::error!(
             first,
             last,
             "ledger tail is torn; cutting it and recording the recovery"
         );
-        {
-            let conn = self.lock();
-            conn.execute("DELETE FROM ledger WHERE seq >= ?1", [first as i64])?;
-        }
         let recovery = DecisionRow {
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            time: now(),
             kind: "recovery",
             actor: "warden".into(),
             subject: "ledger".into(),
             details: serde_json::json!({ "cut_from": first, "cut_to": last }),
         };
-        self.record(&recovery)?;
+        self.writer.write(move |conn, tail| {
+            conn.execute("DELETE FROM ledger WHERE seq >= ?1", [first as i64])?;
+            tail.append(conn, &recovery)
+        })?;
         Ok(())
-    }
-
-    /// A working copy of the frontier, for a transaction about to append.
-    fn frontier(&self) -> Frontier {
-        self.frontier
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Puts a committed transaction's frontier in place.
-    fn set_frontier(&self, frontier: Frontier) {
-        *self.frontier.lock().unwrap_or_else(|p| p.into_inner()) = frontier;
     }
 
     /// The key signing new entries.
@@ -194,41 +195,41 @@ impl ControlStore {
         data_dir: &std::path::Path,
         actor: &str,
     ) -> Result<(i64, Signer), StoreError> {
-        let mut conn = self.lock();
-        let old = self.signer();
-        let new = old
-            .rotate(data_dir)
-            .map_err(|e| StoreError::Key(e.to_string()))?;
+        let (data_dir, actor) = (data_dir.to_path_buf(), actor.to_owned());
+        let (seq, new) = self.writer.write(move |conn, tail| {
+            let old = tail.signer.clone();
+            let new = old
+                .rotate(&data_dir)
+                .map_err(|e| StoreError::Key(e.to_string()))?;
+            let announcement = DecisionRow {
+                time: now(),
+                kind: "key_rotation",
+                actor,
+                subject: "ledger".into(),
+                details: serde_json::json!({
+                    "old_key_id": old.key_id(),
+                    "new_key_id": new.key_id(),
+                    "new_public_key": new.public_key_hex(),
+                }),
+            };
 
-        let announcement = DecisionRow {
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            kind: "key_rotation",
-            actor: actor.to_owned(),
-            subject: "ledger".into(),
-            details: serde_json::json!({
-                "old_key_id": old.key_id(),
-                "new_key_id": new.key_id(),
-                "new_public_key": new.public_key_hex(),
-            }),
-        };
-        let mut frontier = self.frontier();
-        let tx = conn.transaction()?;
-        let seq = append(&tx, &old, &mut frontier, &announcement)?;
-        insert_checkpoint(&tx, &new, Some(&old), seq, frontier.root())?;
-        tx.commit()?;
-        self.set_frontier(frontier);
+            let seq = tail.append(conn, &announcement)?;
+            tail.signer = new.clone();
+            tail.checkpoint(conn, Some(&old))?;
+            Ok((seq, new))
+        })?;
 
         *self.signer.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
         Ok((seq, new))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Everything stored, for the startup restore.
     pub fn load(&self) -> Result<Snapshot, StoreError> {
-        let conn = self.lock();
+        let conn = self.reader();
         let mut stmt = conn.prepare(
             "SELECT key, id, name, spiffe_id, parent, lead, depth, scopes, limit_picos,
                     promote_after, created_ms, expires_ms, key_hash, ended_ms, end_reason, trust
@@ -273,8 +274,8 @@ impl ControlStore {
 
     /// The key a lead had in a previous run, if it had one.
     pub fn lead_key(&self, spiffe_id: &str) -> Result<Option<AgentKey>, StoreError> {
-        let conn = self.lock();
-        let key = conn
+        let key = self
+            .reader()
             .query_row(
                 "SELECT key FROM agents WHERE spiffe_id = ?1 AND parent IS NULL",
                 [spiffe_id],
@@ -291,38 +292,11 @@ impl ControlStore {
         agent: &AgentRow,
         decision: Option<&DecisionRow>,
     ) -> Result<Option<i64>, StoreError> {
-        let mut conn = self.lock();
-        let mut frontier = self.frontier();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO agents (key, id, name, spiffe_id, parent, lead, depth, scopes,
-                limit_picos, promote_after, created_ms, expires_ms, key_hash, ended_ms, end_reason, trust)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            params![
-                agent.key as i64,
-                agent.id,
-                agent.name,
-                agent.spiffe_id,
-                agent.parent.map(|p| p as i64),
-                agent.lead as i64,
-                agent.depth,
-                serde_json::to_string(&agent.scopes).unwrap_or_else(|_| "[]".into()),
-                agent.limit.0 as i64,
-                agent.promote_after,
-                agent.created_ms,
-                agent.expires_ms,
-                agent.key_hash,
-                agent.ended_ms,
-                agent.end_reason,
-                agent.trust,
-            ],
-        )?;
-        let seq = decision
-            .map(|d| append(&tx, &self.signer(), &mut frontier, d))
-            .transpose()?;
-        tx.commit()?;
-        self.set_frontier(frontier);
-        Ok(seq)
+        let (agent, decision) = (agent.clone(), decision.cloned());
+        self.writer.write(move |conn, tail| {
+            insert_agent_row(conn, &agent)?;
+            decision.map(|d| tail.append(conn, &d)).transpose()
+        })
     }
 
     /// Marks agents ended and appends their decisions, in one transaction.
@@ -331,22 +305,20 @@ impl ControlStore {
         ended: &[(AgentKey, i64, &str)],
         decisions: &[DecisionRow],
     ) -> Result<Vec<i64>, StoreError> {
-        let mut conn = self.lock();
-        let mut frontier = self.frontier();
-        let tx = conn.transaction()?;
-        for (key, at_ms, reason) in ended {
-            tx.execute(
-                "UPDATE agents SET ended_ms = ?2, end_reason = ?3 WHERE key = ?1",
-                params![*key as i64, at_ms, reason],
-            )?;
-        }
-        let seqs = decisions
+        let ended: Vec<_> = ended
             .iter()
-            .map(|d| append(&tx, &self.signer(), &mut frontier, d))
-            .collect::<Result<Vec<_>, _>>()?;
-        tx.commit()?;
-        self.set_frontier(frontier);
-        Ok(seqs)
+            .map(|&(key, at_ms, reason)| (key, at_ms, reason.to_owned()))
+            .collect();
+        let decisions = decisions.to_vec();
+        self.writer.write(move |conn, tail| {
+            for (key, at_ms, reason) in &ended {
+                conn.execute(
+                    "UPDATE agents SET ended_ms = ?2, end_reason = ?3 WHERE key = ?1",
+                    params![*key as i64, at_ms, reason],
+                )?;
+            }
+            decisions.iter().map(|d| tail.append(conn, d)).collect()
+        })
     }
 
     /// Changes an agent's stored trust level with the decision that changed it.
@@ -356,48 +328,159 @@ impl ControlStore {
         trust: &str,
         decision: &DecisionRow,
     ) -> Result<i64, StoreError> {
-        let mut conn = self.lock();
-        let mut frontier = self.frontier();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE agents SET trust = ?2 WHERE key = ?1",
-            params![key as i64, trust],
-        )?;
-        let seq = append(&tx, &self.signer(), &mut frontier, decision)?;
-        tx.commit()?;
-        self.set_frontier(frontier);
-        Ok(seq)
+        let (trust, decision) = (trust.to_owned(), decision.clone());
+        self.writer.write(move |conn, tail| {
+            conn.execute(
+                "UPDATE agents SET trust = ?2 WHERE key = ?1",
+                params![key as i64, trust],
+            )?;
+            tail.append(conn, &decision)
+        })
     }
 
     /// Signs a checkpoint over the whole ledger if entries were added since the last
     /// one. Returns its size, if one was made.
     pub fn checkpoint(&self) -> Result<Option<u64>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let size: i64 =
-            tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM ledger", [], |r| r.get(0))?;
-        let covered: i64 =
-            tx.query_row("SELECT COALESCE(MAX(size), 0) FROM checkpoints", [], |r| {
-                r.get(0)
-            })?;
-        if size == covered {
-            return Ok(None);
-        }
-        insert_checkpoint(&tx, &self.signer(), None, size, self.frontier().root())?;
-        tx.commit()?;
-        Ok(Some(size as u64))
+        self.writer.write(|conn, tail| {
+            if tail.seq == tail.checkpointed {
+                return Ok(None);
+            }
+            tail.checkpoint(conn, None)?;
+            Ok(Some(tail.seq as u64))
+        })
     }
 
     /// Appends one decision record.
     pub fn record(&self, decision: &DecisionRow) -> Result<i64, StoreError> {
-        let mut conn = self.lock();
-        let mut frontier = self.frontier();
-        let tx = conn.transaction()?;
-        let seq = append(&tx, &self.signer(), &mut frontier, decision)?;
-        tx.commit()?;
-        self.set_frontier(frontier);
+        let decision = decision.clone();
+        self.writer
+            .write(move |conn, tail| tail.append(conn, &decision))
+    }
+
+    /// Transactions and writes committed so far: their ratio is the group commit's
+    /// effect.
+    pub fn commit_stats(&self) -> &Stats {
+        self.writer.stats()
+    }
+}
+
+impl Tail {
+    /// The tail after `entries` (the intact ledger, in order).
+    fn of(entries: &[StoredEntry], signer: Signer, checkpointed: i64) -> Tail {
+        let mut frontier = Frontier::default();
+        for entry in entries {
+            frontier.push(merkle::leaf_hash(entry.canonical.as_bytes()));
+        }
+        let (seq, hash) = entries
+            .last()
+            .map_or((0, GENESIS.to_owned()), |e| (e.seq as i64, e.hash.clone()));
+        Tail {
+            seq,
+            hash,
+            frontier,
+            signer,
+            checkpointed,
+        }
+    }
+
+    /// Appends `decision` as the next entry, chained to the last one and signed, and
+    /// signs a checkpoint every [`CHECKPOINT_EVERY`] entries.
+    fn append(&mut self, conn: &Connection, decision: &DecisionRow) -> Result<i64, StoreError> {
+        let seq = self.seq + 1;
+        let entry = Entry {
+            seq: seq as u64,
+            time: decision.time.clone(),
+            kind: decision.kind.to_owned(),
+            actor: decision.actor.clone(),
+            subject: decision.subject.clone(),
+            details: decision.details.clone(),
+            prev: std::mem::take(&mut self.hash),
+        };
+        let sealed = self.signer.seal(&entry);
+        conn.execute(
+            "INSERT INTO ledger (seq, entry, hash, signature, key_id, kind, subject)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                seq,
+                sealed.canonical,
+                sealed.hash,
+                sealed.signature,
+                sealed.key_id,
+                decision.kind,
+                decision.subject
+            ],
+        )?;
+
+        self.seq = seq;
+        self.hash = sealed.hash;
+        self.frontier
+            .push(merkle::leaf_hash(sealed.canonical.as_bytes()));
+        if (seq as u64).is_multiple_of(CHECKPOINT_EVERY) {
+            self.checkpoint(conn, None)?;
+        }
         Ok(seq)
     }
+
+    /// Signs and stores a checkpoint over the whole ledger, co-signed by `co_signer`
+    /// (the key before a rotation).
+    fn checkpoint(
+        &mut self,
+        conn: &Connection,
+        co_signer: Option<&Signer>,
+    ) -> Result<(), StoreError> {
+        let root = self.frontier.root();
+        let mut checkpoint = self.signer.sign_checkpoint(self.seq as u64, &root, now());
+        if let Some(co_signer) = co_signer {
+            co_signer.co_sign(&mut checkpoint);
+        }
+        conn.execute(
+            "INSERT OR REPLACE INTO checkpoints (size, root, time, key_id, signature, co_key_id, co_signature)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                self.seq,
+                checkpoint.root,
+                checkpoint.time,
+                checkpoint.key_id,
+                checkpoint.signature,
+                checkpoint.co_key_id,
+                checkpoint.co_signature
+            ],
+        )?;
+        self.checkpointed = self.seq;
+        Ok(())
+    }
+}
+
+/// Now, as entries and checkpoints write it: RFC 3339 with milliseconds.
+fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+fn insert_agent_row(conn: &Connection, agent: &AgentRow) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO agents (key, id, name, spiffe_id, parent, lead, depth, scopes,
+            limit_picos, promote_after, created_ms, expires_ms, key_hash, ended_ms, end_reason, trust)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        params![
+            agent.key as i64,
+            agent.id,
+            agent.name,
+            agent.spiffe_id,
+            agent.parent.map(|p| p as i64),
+            agent.lead as i64,
+            agent.depth,
+            serde_json::to_string(&agent.scopes).unwrap_or_else(|_| "[]".into()),
+            agent.limit.0 as i64,
+            agent.promote_after,
+            agent.created_ms,
+            agent.expires_ms,
+            agent.key_hash,
+            agent.ended_ms,
+            agent.end_reason,
+            agent.trust,
+        ],
+    )?;
+    Ok(())
 }
 
 /// How many entries, from the first, hash and chain correctly. Signatures are left to
@@ -470,85 +553,8 @@ pub fn read_ledger(conn: &Connection) -> Result<Vec<StoredEntry>, StoreError> {
     Ok(entries)
 }
 
-/// Appends `decision` as the next ledger entry, chained to the last one and signed.
-/// The caller's transaction (and the store's lock) keeps appends in order.
-fn append(
-    tx: &rusqlite::Transaction<'_>,
-    signer: &Signer,
-    frontier: &mut Frontier,
-    decision: &DecisionRow,
-) -> Result<i64, StoreError> {
-    let last: Option<(i64, String)> = tx
-        .query_row(
-            "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()?;
-    let (seq, prev) = last.map_or((1, GENESIS.to_owned()), |(seq, hash)| (seq + 1, hash));
-
-    let entry = Entry {
-        seq: seq as u64,
-        time: decision.time.clone(),
-        kind: decision.kind.to_owned(),
-        actor: decision.actor.clone(),
-        subject: decision.subject.clone(),
-        details: decision.details.clone(),
-        prev,
-    };
-    let sealed = signer.seal(&entry);
-    tx.execute(
-        "INSERT INTO ledger (seq, entry, hash, signature, key_id, kind, subject)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            seq,
-            sealed.canonical,
-            sealed.hash,
-            sealed.signature,
-            sealed.key_id,
-            decision.kind,
-            decision.subject
-        ],
-    )?;
-    frontier.push(merkle::leaf_hash(sealed.canonical.as_bytes()));
-    if (seq as u64).is_multiple_of(CHECKPOINT_EVERY) {
-        insert_checkpoint(tx, signer, None, seq, frontier.root())?;
-    }
-    Ok(seq)
-}
-
 /// A checkpoint is signed every this many entries (and on a timer in between).
 pub const CHECKPOINT_EVERY: u64 = 64;
-
-/// Signs and stores a checkpoint over entries 1..=size, whose Merkle root is `root`.
-/// Signs and stores a checkpoint, co-signed by `co_signer` (the key before a rotation).
-fn insert_checkpoint(
-    tx: &rusqlite::Transaction<'_>,
-    signer: &Signer,
-    co_signer: Option<&Signer>,
-    size: i64,
-    root: merkle::Hash,
-) -> Result<(), StoreError> {
-    let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    let mut checkpoint = signer.sign_checkpoint(size as u64, &root, time);
-    if let Some(co_signer) = co_signer {
-        co_signer.co_sign(&mut checkpoint);
-    }
-    tx.execute(
-        "INSERT OR REPLACE INTO checkpoints (size, root, time, key_id, signature, co_key_id, co_signature)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            size,
-            checkpoint.root,
-            checkpoint.time,
-            checkpoint.key_id,
-            checkpoint.signature,
-            checkpoint.co_key_id,
-            checkpoint.co_signature
-        ],
-    )?;
-    Ok(())
-}
 
 /// Every checkpoint, smallest first.
 pub fn read_checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>, StoreError> {
@@ -572,14 +578,16 @@ pub fn read_checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>, StoreError
 
 impl LeaseStore for ControlStore {
     fn persist(&self, agent: AgentKey, window: u64, ceiling: Amount) -> Result<(), String> {
-        let conn = self.lock();
-        conn.execute(
-            "INSERT INTO leases (agent, window, leased_picos) VALUES (?1, ?2, ?3)
-             ON CONFLICT (agent, window) DO UPDATE SET leased_picos = max(leased_picos, excluded.leased_picos)",
-            params![agent as i64, window as i64, ceiling.0 as i64],
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        self.writer
+            .write(move |conn, _| {
+                conn.execute(
+                    "INSERT INTO leases (agent, window, leased_picos) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (agent, window) DO UPDATE SET leased_picos = max(leased_picos, excluded.leased_picos)",
+                    params![agent as i64, window as i64, ceiling.0 as i64],
+                )?;
+                Ok(())
+            })
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -620,7 +628,7 @@ mod tests {
         .unwrap();
 
         let control = ControlStore::open(&store, Signer::load_or_create(&dir).unwrap()).unwrap();
-        let entries = read_ledger(&control.lock()).unwrap();
+        let entries = read_ledger(&control.reader()).unwrap();
         assert_eq!(
             entries.len(),
             4,
