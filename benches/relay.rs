@@ -225,6 +225,32 @@ fn bench_ledger(c: &mut Criterion) {
     c.bench_function("ledger/append_durable", |b| {
         b.iter(|| control.record(black_box(&decision)).unwrap())
     });
+
+    // Eight callers appending at once, as spawns in flight do: the time per append
+    // when queued appends share a commit (and its fsync).
+    let control = std::sync::Arc::new(control);
+    c.bench_function("ledger/append_durable_8_callers", |b| {
+        b.iter_custom(|iters| {
+            let per_caller = iters.div_ceil(8);
+            let start = std::time::Instant::now();
+            let callers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (control, decision) = (std::sync::Arc::clone(&control), decision.clone());
+                    std::thread::spawn(move || {
+                        for _ in 0..per_caller {
+                            control.record(&decision).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for caller in callers {
+                caller.join().unwrap();
+            }
+            start
+                .elapsed()
+                .mul_f64(iters as f64 / (per_caller * 8) as f64)
+        })
+    });
     let _ = std::fs::remove_dir_all(&data);
 }
 

@@ -478,15 +478,28 @@ impl Budgets {
         }
         node.roll(window);
         node.state = NodeState::Ended;
-        let (parent, slice) = (node.parent, node.limit);
-        let used = node.spent + node.reserved + node.ended_children + node.delegated;
+        let (mut next, slice, used) = (node.parent, node.limit, node.committed());
 
-        let Some(parent) = parent.and_then(|p| tree.get_mut(&p)) else {
+        let Some(parent) = next.and_then(|p| tree.get_mut(&p)) else {
             return;
         };
         parent.roll(window);
         parent.delegated = parent.delegated.saturating_sub(slice);
         parent.ended_children = parent.ended_children + used;
+
+        // A parent that ended first (a child published just after its parent's end)
+        // passed this whole slice up as used; pass the unspent part up after it, to
+        // the first ancestor still live.
+        let returned = slice.saturating_sub(used);
+        while let Some(ended) = next.and_then(|p| tree.get(&p))
+            && ended.state == NodeState::Ended
+        {
+            next = ended.parent;
+            if let Some(ancestor) = next.and_then(|p| tree.get_mut(&p)) {
+                ancestor.roll(window);
+                ancestor.ended_children = ancestor.ended_children.saturating_sub(returned);
+            }
+        }
     }
 
     /// Marks `agent`'s breaker as tripped; true only the first time in a window, so

@@ -183,6 +183,7 @@ impl Server {
             draining: AtomicBool::new(false),
         };
 
+        app.metrics.watch_control_store(app.control.commit_stats());
         crate::sinks::ensure_schema(&app.store)?;
         Ok(Server {
             app: Arc::new(app),

@@ -19,6 +19,7 @@ pub mod control;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -143,9 +144,11 @@ impl Store {
     pub fn usage_log(&self, batch: usize, interval: Duration) -> Result<UsageLog, StoreError> {
         let conn = self.connect()?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             conn,
             rx,
+            backlog: Arc::clone(&backlog),
             batch: batch.max(1),
             interval,
         };
@@ -157,6 +160,7 @@ impl Store {
         Ok(UsageLog {
             sink: UsageSink {
                 tx,
+                backlog,
                 writer: thread.thread().clone(),
             },
             thread: Some(thread),
@@ -279,6 +283,8 @@ impl UsageRow {
 #[derive(Clone)]
 pub struct UsageSink {
     tx: mpsc::UnboundedSender<Command>,
+    /// Records queued and not yet committed (or given up on).
+    backlog: Arc<AtomicU64>,
     /// The writer thread, woken only for flushes and shutdown.
     writer: std::thread::Thread,
 }
@@ -287,11 +293,18 @@ impl UsageSink {
     /// Queues a record for the writer. A record sent after shutdown is a bug in the
     /// shutdown order, and is logged as a lost write.
     pub fn record(&self, record: UsageRecord) {
+        self.backlog.fetch_add(1, Ordering::Relaxed);
         if let Err(lost) = self.tx.send(Command::Record(record))
             && let Command::Record(record) = lost.0
         {
+            self.backlog.fetch_sub(1, Ordering::Relaxed);
             tracing::error!(request.id = %record.request_id, "usage record lost: writer stopped");
         }
+    }
+
+    /// Records queued and not yet committed.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed)
     }
 
     /// Resolves once every record queued before the call is committed.
@@ -334,6 +347,7 @@ impl UsageLog {
 struct Writer {
     conn: Connection,
     rx: mpsc::UnboundedReceiver<Command>,
+    backlog: Arc<AtomicU64>,
     batch: usize,
     interval: Duration,
 }
@@ -382,6 +396,8 @@ impl Writer {
         if let Err(e) = insert(&mut self.conn, pending) {
             tracing::error!(error = %e, records = pending.len(), "usage records lost: commit failed");
         }
+        self.backlog
+            .fetch_sub(pending.len() as u64, Ordering::Relaxed);
         pending.clear();
     }
 }

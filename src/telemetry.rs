@@ -132,6 +132,15 @@ impl Metrics {
         }
     }
 
+    /// Exports the control store's commit counters.
+    pub fn watch_control_store(&self, stats: &crate::store::control::Stats) {
+        for counter in [&stats.groups, &stats.writes] {
+            self.registry
+                .register(Box::new(counter.clone()))
+                .expect("each metric name is registered once");
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

@@ -263,6 +263,10 @@ fn publish(
     }
 
     if !parent.is_live() {
+        tracing::warn!(
+            agent.id = %agent.spiffe_id, parent = %parent.spiffe_id,
+            "parent ended while its child was being stored; ending the child"
+        );
         let ended = registry.end(agent, EndReason::Cascaded, budgets);
         for agent in &ended {
             fleet.identities.revoke(agent);
@@ -582,4 +586,87 @@ fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).expect("the OS random source is available");
     u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::SystemClock;
+    use crate::ledger::Signer;
+    use crate::store::Store;
+    use crate::store::control::ControlStore;
+
+    fn request(parent: &str, name: &str, slice: &str) -> SpawnRequest {
+        serde_json::from_value(serde_json::json!({
+            "parent": parent,
+            "name": name,
+            "budget": {"daily_limit": slice},
+            "permissions": {"restrict_to": ["models.standard"]},
+            "lifecycle": {"max_duration": "1h"},
+        }))
+        .unwrap()
+    }
+
+    /// A parent that ends between its child's checks and the child's publication takes
+    /// the child with it: the spawn is refused, the child ended and recorded, its slice
+    /// back with the lead.
+    #[test]
+    fn a_parent_ended_during_the_commit_takes_the_child_with_it() {
+        let dir = std::env::temp_dir().join(format!("warden-spawn-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let control =
+            Arc::new(ControlStore::open(&store, Signer::load_or_create(&dir).unwrap()).unwrap());
+        let policy = Policy::load(None, |_| true).unwrap();
+        let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
+        let registry = Registry::restore(&policy, &budgets, &control).unwrap();
+        let identities = Identities::new(&"0".repeat(64), &registry).unwrap();
+        let decisions = DecisionLog::new(control);
+        let fleet = || Fleet {
+            registry: &registry,
+            identities: &identities,
+            budgets: &budgets,
+            policy: &policy,
+            decisions: &decisions,
+        };
+        let lead = registry.find("lead").unwrap();
+        let room = budgets.available(lead.key);
+
+        let worker = spawn(request("lead", "worker", "100"), None, fleet())
+            .unwrap()
+            .agent;
+        let helper = request("worker", "fetcher", "10");
+        let terms = terms(&helper, &worker, &registry).unwrap();
+        let (child, _key) = reserve(helper.name, &worker, &terms, &fleet()).unwrap();
+        let stored = decisions.spawned(&child.row(), &Decision::spawn("operator", &worker, &child));
+
+        let ended = registry.end(&worker, EndReason::Terminated, &budgets);
+        assert_eq!(ended.len(), 1, "the child is not published yet");
+        let refused = publish(&worker, &child, stored, &fleet());
+
+        assert!(
+            matches!(refused, Err(ApiError::ParentUnavailable { .. })),
+            "{refused:?}"
+        );
+        assert!(!child.is_live());
+        assert_eq!(budgets.available(lead.key), room, "both slices are back");
+        let recorded = control_kinds(&dir);
+        assert_eq!(recorded, ["spawn", "spawn", "termination"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The kinds of the ledger's entries, in order.
+    fn control_kinds(dir: &std::path::Path) -> Vec<String> {
+        let conn = Store::open(dir).unwrap().connection().unwrap();
+        crate::store::control::read_ledger(&conn)
+            .unwrap()
+            .iter()
+            .map(|e| {
+                serde_json::from_str::<serde_json::Value>(&e.canonical).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
 }

@@ -113,6 +113,31 @@ fn a_child_at_its_limit_stops_alone() {
     assert_eq!(b.available(1), Amount::ZERO);
 }
 
+/// A child ended after its parent (published just after the parent's end) still
+/// returns its unspent slice, through the ended parent to the lead.
+#[test]
+fn a_child_ended_after_its_parent_returns_its_slice_to_the_lead() {
+    let b = budgets();
+    b.add_root(1, usd("100"));
+    b.delegate(1, 2, usd("40")).unwrap();
+    b.reserve(2, usd("5")).unwrap().settle(usd("5"));
+    b.delegate(2, 3, usd("10")).unwrap();
+    b.reserve(3, usd("2")).unwrap().settle(usd("2"));
+
+    b.end(2);
+    assert_eq!(
+        b.view(1).unwrap().available,
+        usd("85"),
+        "the child's whole slice counts"
+    );
+    b.end(3);
+    assert_eq!(
+        b.view(1).unwrap().available,
+        usd("93"),
+        "what was spent stays spent: 5 by the parent, 2 by the child"
+    );
+}
+
 #[test]
 fn ending_a_child_returns_its_unspent_slice() {
     let b = budgets();

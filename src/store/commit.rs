@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
+use prometheus::IntCounter;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use super::StoreError;
@@ -33,15 +34,33 @@ pub struct Committer<S> {
     stats: Arc<Stats>,
 }
 
-/// What the writer has done, for tests and metrics.
-#[derive(Debug, Default)]
+/// What the writer has done. The counters are Prometheus counters, registered by
+/// whoever exports them; writes over commits is how well the group commit batches.
 pub struct Stats {
     /// Writes handed to the writer (queued, in progress or done).
     pub submitted: AtomicU64,
-    /// Transactions committed (or attempted).
-    pub groups: AtomicU64,
+    /// Transactions committed or attempted, each one fsync.
+    pub groups: IntCounter,
     /// Writes applied.
-    pub writes: AtomicU64,
+    pub writes: IntCounter,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            submitted: AtomicU64::new(0),
+            groups: IntCounter::new(
+                "warden_control_commits_total",
+                "Control-store transactions committed or attempted, each fsynced.",
+            )
+            .expect("static metric definition is valid"),
+            writes: IntCounter::new(
+                "warden_control_writes_total",
+                "Control-store writes (decisions, agent changes, budget leases), grouped into commits.",
+            )
+            .expect("static metric definition is valid"),
+        }
+    }
 }
 
 impl<S: Clone + Send + 'static> Committer<S> {
@@ -119,10 +138,8 @@ fn run<S: Clone>(
             tracing::error!(writes = group.len(), %error, "control store commit failed");
             state = before;
         }
-        stats.groups.fetch_add(1, Ordering::Relaxed);
-        stats
-            .writes
-            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        stats.groups.inc();
+        stats.writes.inc_by(group.len() as u64);
 
         for job in group {
             job.answer(&committed);
@@ -247,9 +264,9 @@ mod tests {
             .collect();
         counts.sort();
         assert_eq!(counts, (2..=21).collect::<Vec<_>>());
-        assert_eq!(committer.stats().writes.load(Ordering::Relaxed), 21);
+        assert_eq!(committer.stats().writes.get(), 21);
         assert_eq!(
-            committer.stats().groups.load(Ordering::Relaxed),
+            committer.stats().groups.get(),
             2,
             "the blocked write alone, then the twenty that queued behind it"
         );

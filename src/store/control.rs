@@ -13,7 +13,8 @@ use std::sync::{Mutex, RwLock};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::commit::{Committer, Stats};
+use super::commit::Committer;
+pub use super::commit::Stats;
 use super::{Store, StoreError};
 use crate::budget::{AgentKey, Amount, LeaseStore};
 use sha2::{Digest, Sha256};

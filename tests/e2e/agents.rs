@@ -535,3 +535,90 @@ async fn quarantine_refuses_the_agent_alone() {
             .contains("quarantined")
     );
 }
+
+/// Spawns racing their parent's termination leave no live orphan: every child that was
+/// acknowledged ends with its parent, and every unspent slice finds its way back to the
+/// lead, however the race falls.
+#[tokio::test]
+async fn spawns_racing_a_termination_leave_no_orphan() {
+    let h = Harness::start().await;
+    let body = spawn_body(
+        "lead-quarterly-orchestrator",
+        "worker",
+        "100.00",
+        &["models.small"],
+        "24h",
+    );
+    let (_, worker) = spawn(&h, CASE_LEAD_KEY, body).await;
+    let worker_key = worker["api_key"].as_str().unwrap().to_owned();
+    let worker_path = format!("/v1/agents/{}", worker["id"].as_str().unwrap());
+
+    // Four spawners, each one spawn after another; the termination goes in after the
+    // sixth acknowledgement, with the other spawners somewhere in their spawns (most
+    // of a spawn is its commit).
+    let acknowledged = std::sync::atomic::AtomicUsize::new(0);
+    let sixth = tokio::sync::Notify::new();
+    let spawner = |first: usize| {
+        let (h, worker_key, acknowledged, sixth) = (&h, &worker_key, &acknowledged, &sixth);
+        async move {
+            let mut results = Vec::new();
+            for n in first..first + 8 {
+                let body = spawn_body(
+                    "worker",
+                    &format!("helper-{n:02}"),
+                    "1.00",
+                    &["models.small"],
+                    "1h",
+                );
+                let (status, helper) = spawn(h, worker_key, body).await;
+                if status == 201
+                    && acknowledged.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 5
+                {
+                    sixth.notify_one();
+                }
+                results.push((status, helper));
+            }
+            results
+        }
+    };
+    let termination = async {
+        sixth.notified().await;
+        call(
+            &h,
+            reqwest::Method::DELETE,
+            &worker_path,
+            CASE_LEAD_KEY,
+            None,
+        )
+        .await
+    };
+    let (a, b, c, d, (status, _)) = tokio::join!(
+        spawner(0),
+        spawner(8),
+        spawner(16),
+        spawner(24),
+        termination
+    );
+    assert_eq!(status, 200);
+    let spawned: Vec<_> = [a, b, c, d].into_iter().flatten().collect();
+
+    for (status, helper) in spawned {
+        match status {
+            201 => {
+                let path = format!("/v1/agents/{}", helper["id"].as_str().unwrap());
+                let (_, now) = call(&h, reqwest::Method::GET, &path, CASE_LEAD_KEY, None).await;
+                assert_eq!(
+                    now["state"], "ended",
+                    "an acknowledged child outlived its parent: {now}"
+                );
+                let ended = h.decisions("termination", helper["spiffe_id"].as_str());
+                assert_eq!(ended.len(), 1, "its ending is recorded");
+            }
+            // Too late: the worker's key is revoked (401), its name no longer names a
+            // live agent (404), or it has ended (409).
+            401 | 404 | 409 => {}
+            other => panic!("unexpected {other}: {helper}"),
+        }
+    }
+    assert_eq!(lead_budget(&h).await["available"], "2200");
+}

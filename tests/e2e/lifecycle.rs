@@ -40,9 +40,19 @@ async fn metrics_show_spend_and_pass_promtool() {
         "warden_proxy_overhead_seconds_bucket",
         "warden_time_to_first_token_seconds_bucket",
         "warden_open_streams 0",
+        "warden_usage_backlog 0",
     ] {
         assert!(metrics.contains(name), "missing {name}");
     }
+    // The lead's first start stored it: at least one control write, in some commit.
+    let (commits, writes) = (
+        sample(&metrics, "warden_control_commits_total"),
+        sample(&metrics, "warden_control_writes_total"),
+    );
+    assert!(
+        writes >= commits && commits >= 1.0,
+        "{commits} commits, {writes} writes"
+    );
 
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
@@ -64,6 +74,15 @@ async fn metrics_show_spend_and_pass_promtool() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The value of an unlabelled sample in Prometheus text.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in {metrics}"))
 }
 
 #[tokio::test]
