@@ -496,6 +496,56 @@ impl ExportLine {
     }
 }
 
+/// One line of a JSON-lines export: an entry, or a checkpoint, which follows the last
+/// entry it covers so a reader meets it once it can check it.
+#[derive(Debug, Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ExportItem {
+    Checkpoint { checkpoint: Checkpoint },
+    Entry(ExportLine),
+}
+
+/// The ledger as export lines: entries in order, each checkpoint after its last entry.
+pub fn export(entries: &[StoredEntry], checkpoints: &[Checkpoint]) -> Vec<ExportItem> {
+    let mut checkpoints = checkpoints.iter().peekable();
+    let mut items = Vec::with_capacity(entries.len() + checkpoints.len());
+    for entry in entries {
+        items.push(ExportItem::Entry(ExportLine::of(entry)));
+        while let Some(checkpoint) = checkpoints.next_if(|c| c.size <= entry.seq) {
+            items.push(ExportItem::Checkpoint {
+                checkpoint: checkpoint.clone(),
+            });
+        }
+    }
+    // Checkpoints past the last entry (a cut ledger) stay in, for verify to report.
+    items.extend(checkpoints.map(|c| ExportItem::Checkpoint {
+        checkpoint: c.clone(),
+    }));
+    items
+}
+
+/// Reads a JSON-lines export back into entries and checkpoints; an unreadable line is
+/// named by its number.
+pub fn read_export(text: &str) -> Result<(Vec<StoredEntry>, Vec<Checkpoint>), String> {
+    let (mut entries, mut checkpoints) = (Vec::new(), Vec::new());
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(ExportItem::Entry(line)) => entries.push(line.stored()),
+            Ok(ExportItem::Checkpoint { checkpoint }) => checkpoints.push(checkpoint),
+            Err(e) => {
+                return Err(format!(
+                    "line {} is neither a ledger entry nor a checkpoint: {e}",
+                    index + 1
+                ));
+            }
+        }
+    }
+    Ok((entries, checkpoints))
+}
+
 /// An agent's chain of custody: each ancestor's spawn (the lead's first), then every
 /// entry about the agent itself, all in ledger order.
 pub fn custody(entries: &[StoredEntry], spiffe_id: &str) -> Vec<Entry> {

@@ -70,7 +70,8 @@ enum LedgerCommand {
         #[arg(long = "public-key", default_value = "data/ledger-public.key")]
         public_keys: Vec<PathBuf>,
     },
-    /// Write every entry as JSON lines.
+    /// Write the ledger as JSON lines: every entry, and each checkpoint after the last
+    /// entry it covers.
     Export {
         #[arg(long, default_value = "data/warden.db")]
         db: PathBuf,
@@ -125,7 +126,7 @@ fn ledger(command: LedgerCommand) -> ExitCode {
 }
 
 fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
-    use warden::ledger::{self, ExportLine};
+    use warden::ledger;
 
     match command {
         LedgerCommand::Verify {
@@ -143,7 +144,7 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
             }
 
             let (entries, checkpoints) = match jsonl {
-                Some(path) => (read_export(&path)?, Vec::new()),
+                Some(path) => read_export(&path)?,
                 None => (read_db(&db)?, read_checkpoints(&db)?),
             };
             let trusted = ledger::rotated_keys(&entries, &keys);
@@ -201,8 +202,8 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
         }
         LedgerCommand::Export { db, out } => {
             let mut text = String::new();
-            for entry in read_db(&db)? {
-                text.push_str(&serde_json::to_string(&ExportLine::of(&entry))?);
+            for item in ledger::export(&read_db(&db)?, &read_checkpoints(&db)?) {
+                text.push_str(&serde_json::to_string(&item)?);
                 text.push('\n');
             }
             match out {
@@ -252,18 +253,15 @@ fn check_proof(
     }
 }
 
-fn read_export(path: &std::path::Path) -> anyhow::Result<Vec<warden::ledger::StoredEntry>> {
+type Ledger = (
+    Vec<warden::ledger::StoredEntry>,
+    Vec<warden::ledger::Checkpoint>,
+);
+
+fn read_export(path: &std::path::Path) -> anyhow::Result<Ledger> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(n, line)| {
-            let line: warden::ledger::ExportLine = serde_json::from_str(line)
-                .with_context(|| format!("line {} is not a ledger entry", n + 1))?;
-            Ok(line.stored())
-        })
-        .collect()
+    warden::ledger::read_export(&text).map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -383,4 +383,30 @@ async fn key_rotation_keeps_the_ledger_verifiable_with_the_first_key() {
         first_key.to_str().unwrap(),
     ]);
     assert!(ok && out.contains("3 entries verified"), "{out}");
+
+    // The export carries the co-signed checkpoint, after the entry it ends on, and
+    // verifies it the same way.
+    let export = db.with_file_name("ledger.jsonl");
+    let export = export.to_str().unwrap();
+    assert!(warden_ledger(&["export", "--db", db.to_str().unwrap(), "--out", export]).0);
+    let text = std::fs::read_to_string(export).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(lines[2]["checkpoint"]["size"], 2, "{text}");
+    let first_key = first_key.to_str().unwrap();
+    let (ok, out) = warden_ledger(&["verify", "--jsonl", export, "--public-key", first_key]);
+    assert!(
+        ok && out.contains("3 entries verified, 1 checkpoints"),
+        "{out}"
+    );
+
+    // A checkpoint whose root was changed in the export is caught.
+    let root = lines[2]["checkpoint"]["root"].as_str().unwrap();
+    let forged = text.replace(root, &"0".repeat(64));
+    std::fs::write(export, forged).unwrap();
+    let (ok, out) = warden_ledger(&["verify", "--jsonl", export, "--public-key", first_key]);
+    assert!(!ok && out.contains("checkpoint"), "{out}");
 }
