@@ -280,15 +280,8 @@ pub fn verify(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Result<u64, Bro
 }
 
 fn check_signature(stored: &StoredEntry, keys: &[VerifyingKey]) -> Result<(), String> {
-    let key = keys
-        .iter()
-        .find(|k| key_id(k) == stored.key_id)
-        .ok_or_else(|| format!("signed by unknown key {}", stored.key_id))?;
-    let mut bytes = [0u8; 64];
-    hex::decode_to_slice(&stored.signature, &mut bytes)
-        .map_err(|_| "malformed signature".to_owned())?;
-    key.verify_strict(stored.canonical.as_bytes(), &Signature::from_bytes(&bytes))
-        .map_err(|_| "signature does not verify".to_owned())
+    let message = stored.canonical.as_bytes();
+    check_signature_by(&stored.key_id, &stored.signature, message, keys)
 }
 
 /// A signed statement of the ledger's size and Merkle root at one moment.
@@ -319,11 +312,16 @@ fn check_checkpoint_signature(
 ) -> Result<(), String> {
     let message = checkpoint_message(checkpoint.size, &checkpoint.root, &checkpoint.time);
     let size = checkpoint.size;
-    check_signature_by(&checkpoint.key_id, &checkpoint.signature, &message, keys)
-        .map_err(|why| format!("checkpoint at {size}: {why}"))?;
+    check_signature_by(
+        &checkpoint.key_id,
+        &checkpoint.signature,
+        message.as_bytes(),
+        keys,
+    )
+    .map_err(|why| format!("checkpoint at {size}: {why}"))?;
     match (&checkpoint.co_key_id, &checkpoint.co_signature) {
         (None, None) => Ok(()),
-        (Some(id), Some(signature)) => check_signature_by(id, signature, &message, keys)
+        (Some(id), Some(signature)) => check_signature_by(id, signature, message.as_bytes(), keys)
             .map_err(|why| format!("checkpoint at {size}, second signature: {why}")),
         _ => Err(format!("checkpoint at {size}: half a second signature")),
     }
@@ -333,7 +331,7 @@ fn check_checkpoint_signature(
 fn check_signature_by(
     id: &str,
     signature: &str,
-    message: &str,
+    message: &[u8],
     keys: &[VerifyingKey],
 ) -> Result<(), String> {
     let key = keys
@@ -342,7 +340,7 @@ fn check_signature_by(
         .ok_or_else(|| format!("signed by unknown key {id}"))?;
     let mut bytes = [0u8; 64];
     hex::decode_to_slice(signature, &mut bytes).map_err(|_| "malformed signature".to_owned())?;
-    key.verify_strict(message.as_bytes(), &Signature::from_bytes(&bytes))
+    key.verify_strict(message, &Signature::from_bytes(&bytes))
         .map_err(|_| "signature does not verify".to_owned())
 }
 

@@ -3,8 +3,8 @@
 //!
 //! The ledger is the outbox. Each sink has a durable cursor (the last sequence number
 //! it acknowledged); a delivery task reads the entries after it, sends them in order,
-//! and moves the cursor only when the receiver acknowledged them (a 2xx, or the file
-//! written and synced). A sink that is down is retried with exponential backoff and
+//! and moves the cursor only when the receiver acknowledged them (a 2xx, and for
+//! Elastic `_bulk` every item of the answer; or the file written and synced). A sink that is down is retried with exponential backoff and
 //! jitter, and picks up where its cursor stopped, also after a crash: delivery is
 //! at least once, and every event carries a stable id receivers can drop duplicates by.
 //! The ledger is never pruned, so nothing above any cursor can disappear.
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Uri, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -139,6 +139,12 @@ pub enum SinkError {
     Store(#[from] StoreError),
     #[error("receiver answered {0}")]
     Status(u16),
+    #[error("receiver refused {refused} of {sent} events, first: {first}")]
+    Refused {
+        refused: usize,
+        sent: usize,
+        first: String,
+    },
     #[error("receiver unreachable: {0}")]
     Unreachable(String),
     #[error("file: {0}")]
@@ -340,11 +346,55 @@ impl Sink {
             .await
             .map_err(|_| SinkError::Unreachable("no answer within 30 s".into()))?
             .map_err(|e| SinkError::Unreachable(e.to_string()))?;
-        match response.status() {
-            status if status.is_success() => Ok(()),
-            status => Err(SinkError::Status(status.as_u16())),
+        let status = response.status();
+        if !status.is_success() {
+            return Err(SinkError::Status(status.as_u16()));
         }
+        if format == WebhookFormat::ElasticBulk {
+            // `_bulk` answers 200 even when items failed; each item has its own status.
+            let answer =
+                tokio::time::timeout(Duration::from_secs(30), response.into_body().collect())
+                    .await
+                    .map_err(|_| SinkError::Unreachable("answer not read within 30 s".into()))?
+                    .map_err(|e| SinkError::Unreachable(e.to_string()))?
+                    .to_bytes();
+            bulk_outcome(&answer, events.len())?;
+        }
+        Ok(())
     }
+}
+
+/// Whether an Elastic `_bulk` answer acknowledges all `sent` events: with `errors`
+/// set, the items whose status is not 2xx are refused and the batch is sent again
+/// (the event ids make the repeats overwrite, not duplicate).
+pub fn bulk_outcome(answer: &[u8], sent: usize) -> Result<(), SinkError> {
+    let answer: Value = serde_json::from_slice(answer)
+        .map_err(|e| SinkError::Unreachable(format!("unreadable _bulk answer: {e}")))?;
+    if answer["errors"] != Value::Bool(true) {
+        return Ok(());
+    }
+    let refused: Vec<&Value> = answer["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.as_object()?.values().next())
+        .filter(|result| !(200..300).contains(&result["status"].as_u64().unwrap_or(0)))
+        .collect();
+    let first = refused.first().map_or_else(
+        || "no item named".to_owned(),
+        |r| {
+            format!(
+                "{} {}",
+                r["status"],
+                r["error"]["type"].as_str().unwrap_or("error")
+            )
+        },
+    );
+    Err(SinkError::Refused {
+        refused: refused.len().max(1),
+        sent,
+        first,
+    })
 }
 
 fn content_type(format: WebhookFormat) -> &'static str {

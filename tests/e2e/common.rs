@@ -23,7 +23,7 @@ pub const OPERATOR_KEY: &str = "e2e-operator-key";
 /// The lead of the case-study fleet.
 pub const CASE_LEAD_KEY: &str = "e2e-case-lead-key";
 pub const CASE_LEAD_ID: &str = "spiffe://e2e.test/agent/fintech/lead-quarterly-orchestrator";
-const MOCK_KEY: &str = "e2e-upstream-secret";
+pub const MOCK_KEY: &str = "e2e-upstream-secret";
 /// Daily limits of the two leads, in USD.
 pub const AGENT_LIMIT: &str = "100.00";
 pub const LIMITED_LIMIT: &str = "0.01";
@@ -54,6 +54,8 @@ pub struct Harness {
     warden: Child,
     pub addr: String,
     dir: PathBuf,
+    /// Extra environment of the Warden process.
+    env: Vec<(String, String)>,
     http: reqwest::Client,
 }
 
@@ -64,6 +66,11 @@ impl Harness {
 
     /// Starts with `extra` appended to the generated `warden.toml` (e.g. `[[sinks]]`).
     pub async fn start_with(extra: &str) -> Harness {
+        Harness::start_with_env(extra, &[]).await
+    }
+
+    /// Starts with `extra` in `warden.toml` and `env` in Warden's environment.
+    pub async fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Harness {
         let mock_config = MockConfig {
             api_key: Some(MOCK_KEY.into()),
             fixtures: Some(fixtures_dir()),
@@ -80,13 +87,18 @@ impl Harness {
             let config = std::fs::read_to_string(&path).unwrap();
             std::fs::write(&path, format!("{config}\n{extra}\n")).unwrap();
         }
-        let (warden, addr) = spawn_warden(&dir);
+        let env: Vec<_> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (warden, addr) = spawn_warden(&dir, &env);
 
         Harness {
             mock,
             warden,
             addr,
             dir,
+            env,
             http: reqwest::Client::new(),
         }
     }
@@ -180,7 +192,7 @@ impl Harness {
 
     /// Starts Warden again on the same configuration and data (on a new port).
     pub fn restart(&mut self) {
-        let (warden, addr) = spawn_warden(&self.dir);
+        let (warden, addr) = spawn_warden(&self.dir, &self.env);
         self.warden = warden;
         self.addr = addr;
     }
@@ -371,8 +383,9 @@ max_lifetime = "1h"
     std::fs::write(dir.join("models.toml"), prices).unwrap();
 }
 
-fn spawn_warden(dir: &Path) -> (Child, String) {
+fn spawn_warden(dir: &Path, env: &[(String, String)]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("serve")
         .arg("--config")
         .arg(dir.join("warden.toml"))

@@ -3,6 +3,7 @@
 //! at least once, each with a stable id.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -119,11 +120,9 @@ async fn a_receiver_that_was_down_gets_every_decision_in_order() {
     );
 }
 
-/// The syslog sink sends well-formed RFC 5424 messages (parsed here by a maintained
-/// parser), framed by octet counting, one per decision, in order.
-#[tokio::test]
-async fn syslog_receiver_gets_rfc_5424_messages() {
-    use syslog_rfc5424::{SyslogFacility, SyslogSeverity};
+/// A syslog receiver on loopback: every connection's octet-counted frames (RFC 6587),
+/// read through TLS when `tls` is given. Returns its port and the messages so far.
+async fn syslog_receiver(tls: Option<tokio_rustls::TlsAcceptor>) -> (u16, Arc<Mutex<Vec<String>>>) {
     use tokio::io::AsyncReadExt;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -132,9 +131,21 @@ async fn syslog_receiver_gets_rfc_5424_messages() {
     let store = Arc::clone(&received);
     tokio::spawn(async move {
         loop {
-            let (mut socket, _) = listener.accept().await.unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
             let mut bytes = Vec::new();
-            socket.read_to_end(&mut bytes).await.unwrap();
+            let read = match &tls {
+                None => {
+                    let mut socket = socket;
+                    socket.read_to_end(&mut bytes).await.map(|_| ())
+                }
+                Some(acceptor) => match acceptor.accept(socket).await {
+                    Ok(mut stream) => stream.read_to_end(&mut bytes).await.map(|_| ()),
+                    Err(e) => Err(e),
+                },
+            };
+            if read.is_err() {
+                continue;
+            }
             let mut text = String::from_utf8(bytes).unwrap();
             // Octet counting: "<length> <message>", repeated.
             while let Some((length, rest)) = text.split_once(' ') {
@@ -144,19 +155,19 @@ async fn syslog_receiver_gets_rfc_5424_messages() {
             }
         }
     });
+    (port, received)
+}
 
-    let sink = format!(
-        "[[sinks]]\nname = \"syslog\"\nkind = \"syslog\"\naddress = \"127.0.0.1:{port}\"\n"
-    );
-    let h = Harness::start_with(&sink).await;
-    decisions(&h, 5).await;
+/// Waits for `n` messages, then checks each is RFC 5424 as Warden writes it, in order.
+async fn assert_rfc_5424(received: &Mutex<Vec<String>>, n: usize) {
+    use syslog_rfc5424::{SyslogFacility, SyslogSeverity};
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    while received.lock().unwrap().len() < 5 && Instant::now() < deadline {
+    while received.lock().unwrap().len() < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let messages = received.lock().unwrap().clone();
-    assert_eq!(messages.len(), 5, "{messages:?}");
+    assert_eq!(messages.len(), n, "{messages:?}");
     for (n, text) in messages.iter().enumerate() {
         let message =
             syslog_rfc5424::parse_message(text).unwrap_or_else(|e| panic!("{e:?}: {text}"));
@@ -170,6 +181,62 @@ async fn syslog_receiver_gets_rfc_5424_messages() {
         let event: Value = serde_json::from_str(&message.msg).unwrap();
         assert_eq!(event["metadata"]["sequence"], n as u64 + 1);
     }
+}
+
+/// The syslog sink sends well-formed RFC 5424 messages (parsed here by a maintained
+/// parser), framed by octet counting, one per decision, in order.
+#[tokio::test]
+async fn syslog_receiver_gets_rfc_5424_messages() {
+    let (port, received) = syslog_receiver(None).await;
+    let sink = format!(
+        "[[sinks]]\nname = \"syslog\"\nkind = \"syslog\"\naddress = \"127.0.0.1:{port}\"\n"
+    );
+    let h = Harness::start_with(&sink).await;
+    decisions(&h, 5).await;
+    assert_rfc_5424(&received, 5).await;
+}
+
+/// Syslog over TLS: the receiver's certificate is checked against the trusted roots
+/// (here a test CA given by `SSL_CERT_FILE`) and the name configured; a Warden that
+/// does not trust the CA delivers nothing.
+#[tokio::test]
+async fn syslog_over_tls_checks_the_receiver() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let tls = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let chain: Vec<_> = CertificateDer::pem_file_iter(tls.join("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(tls.join("server.key")).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let sink = |port: u16| {
+        format!(
+            "[[sinks]]\nname = \"syslog-tls\"\nkind = \"syslog\"\naddress = \"127.0.0.1:{port}\"\n\
+             tls = true\nserver_name = \"localhost\"\n"
+        )
+    };
+
+    let (port, received) = syslog_receiver(Some(acceptor.clone())).await;
+    let ca = tls.join("ca.pem");
+    let env = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+    let h = Harness::start_with_env(&sink(port), &env).await;
+    decisions(&h, 5).await;
+    assert_rfc_5424(&received, 5).await;
+
+    let (port, refused) = syslog_receiver(Some(acceptor)).await;
+    let untrusting = Harness::start_with(&sink(port)).await;
+    decisions(&untrusting, 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        refused.lock().unwrap().is_empty(),
+        "an untrusted receiver got events"
+    );
 }
 
 /// The file sink appends one OCSF event per decision, as JSON lines, in order.
@@ -202,4 +269,166 @@ async fn file_sink_writes_ocsf_json_lines() {
         assert_eq!(event["unmapped"]["entry"]["kind"], "spawn_refused");
     }
     std::fs::remove_file(&out).unwrap();
+}
+
+/// A free loopback port for a receiver that starts later.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `seen` (sequence numbers received) holds 1..=n, or fails after 30 s.
+async fn until_all_seen(seen: impl Fn() -> BTreeSet<u64>, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen().len() < n as usize && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen(), (1..=n).collect::<BTreeSet<u64>>());
+}
+
+/// The Splunk HEC preset, against a receiver that answers as HEC does: the token in
+/// `Authorization: Splunk`, one `{"time", "sourcetype", "event"}` object per event,
+/// `{"text":"Success","code":0}` on success; a 503 "server is busy" is retried.
+#[tokio::test]
+async fn splunk_hec_receiver_gets_every_event() {
+    use axum::http::{HeaderMap, StatusCode};
+
+    let port = free_port();
+    let received: Arc<Mutex<(usize, Vec<Value>)>> = Arc::default();
+    let store = Arc::clone(&received);
+    let app = Router::new().route(
+        "/services/collector/event",
+        post(move |headers: HeaderMap, body: String| {
+            let store = Arc::clone(&store);
+            async move {
+                let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+                if authorization != Some(&format!("Splunk {MOCK_KEY}")) {
+                    let refusal = json!({"text": "Invalid authorization", "code": 3});
+                    return (StatusCode::UNAUTHORIZED, refusal.to_string());
+                }
+                let mut state = store.lock().unwrap();
+                state.0 += 1;
+                if state.0 == 1 {
+                    let busy = json!({"text": "Server is busy", "code": 9});
+                    return (StatusCode::SERVICE_UNAVAILABLE, busy.to_string());
+                }
+                // HEC takes events back to back, whitespace between them optional.
+                let events = serde_json::Deserializer::from_str(&body).into_iter::<Value>();
+                state.1.extend(events.map(Result::unwrap));
+                (
+                    StatusCode::OK,
+                    json!({"text": "Success", "code": 0}).to_string(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let sink = format!(
+        "[[sinks]]\nname = \"splunk\"\nkind = \"webhook\"\nformat = \"splunk_hec\"\n\
+         url = \"http://127.0.0.1:{port}/services/collector/event\"\ntoken_env = \"WARDEN_E2E_MOCK_KEY\"\n"
+    );
+    let h = Harness::start_with(&sink).await;
+    decisions(&h, 30).await;
+
+    let seen = || {
+        let state = received.lock().unwrap();
+        state
+            .1
+            .iter()
+            .map(|e| e["event"]["metadata"]["sequence"].as_u64().unwrap())
+            .collect()
+    };
+    until_all_seen(seen, 30).await;
+    let state = received.lock().unwrap();
+    assert!(state.0 >= 2, "the busy answer was retried");
+    for hec in &state.1 {
+        assert_eq!(hec["sourcetype"], "warden:ledger");
+        assert_eq!(hec["event"]["class_uid"], 6003);
+        let time_ms = hec["event"]["time"].as_f64().unwrap();
+        assert_eq!(hec["time"].as_f64().unwrap(), time_ms / 1e3);
+    }
+}
+
+/// The Elastic `_bulk` preset, against a receiver that answers as Elasticsearch does:
+/// an `index` action with the index and the event id before each event; an answer of
+/// 200 with `errors: true` (one item rejected with 429, as a busy cluster does) is not
+/// an acknowledgement, and the rejected event comes again.
+#[tokio::test]
+async fn elastic_bulk_receiver_gets_every_event() {
+    let port = free_port();
+    // (requests, (action, document) pairs indexed, the id rejected once).
+    type Indexed = (usize, Vec<(Value, Value)>, Option<String>);
+    let received: Arc<Mutex<Indexed>> = Arc::default();
+    let store = Arc::clone(&received);
+    let app = Router::new().route(
+        "/_bulk",
+        post(move |body: String| {
+            let store = Arc::clone(&store);
+            async move {
+                let lines: Vec<Value> = body
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect();
+                let mut state = store.lock().unwrap();
+                state.0 += 1;
+                let reject_first = state.0 == 1;
+                let mut items = Vec::new();
+                for (n, pair) in lines.chunks(2).enumerate() {
+                    let id = pair[0]["index"]["_id"].clone();
+                    if reject_first && n == 0 {
+                        state.2 = id.as_str().map(str::to_owned);
+                        items.push(json!({"index": {"_id": id, "status": 429, "error": {
+                            "type": "es_rejected_execution_exception", "reason": "queue full"}}}));
+                    } else {
+                        state.1.push((pair[0].clone(), pair[1].clone()));
+                        items.push(
+                            json!({"index": {"_id": id, "status": 201, "result": "created"}}),
+                        );
+                    }
+                }
+                json!({"took": 3, "errors": reject_first, "items": items}).to_string()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let sink = format!(
+        "[[sinks]]\nname = \"elastic\"\nkind = \"webhook\"\nformat = \"elastic_bulk\"\n\
+         url = \"http://127.0.0.1:{port}/_bulk\"\nindex = \"warden-audit\"\n"
+    );
+    let h = Harness::start_with(&sink).await;
+    decisions(&h, 30).await;
+
+    let seen = || {
+        let state = received.lock().unwrap();
+        state
+            .1
+            .iter()
+            .map(|(_, doc)| doc["metadata"]["sequence"].as_u64().unwrap())
+            .collect()
+    };
+    until_all_seen(seen, 30).await;
+    let state = received.lock().unwrap();
+    for (action, doc) in &state.1 {
+        assert_eq!(action["index"]["_index"], "warden-audit");
+        assert_eq!(action["index"]["_id"], doc["metadata"]["uid"]);
+    }
+    let rejected = state.2.as_deref().expect("one item was rejected");
+    assert!(
+        state
+            .1
+            .iter()
+            .any(|(action, _)| action["index"]["_id"] == rejected),
+        "the rejected event was sent again and indexed"
+    );
 }
