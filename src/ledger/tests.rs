@@ -136,6 +136,36 @@ fn ed25519_matches_rfc_8032() {
     }
 }
 
+/// Every Ed25519 vector of Project Wycheproof (C2SP/wycheproof, Apache-2.0,
+/// `testvectors/eddsa_test.json`) through the check `verify` uses: valid signatures
+/// pass, and every invalid one (wrong length, S out of range, malleated, modified bits)
+/// is refused.
+#[test]
+fn ed25519_verification_matches_wycheproof() {
+    let text = include_str!("testdata/wycheproof_eddsa_test.json");
+    let file: serde_json::Value = serde_json::from_str(text).unwrap();
+    let mut checked = 0;
+    for group in file["testGroups"].as_array().unwrap() {
+        let public = hex::decode(group["key"]["pk"].as_str().unwrap()).unwrap();
+        let key = VerifyingKey::from_bytes(&public.try_into().unwrap()).unwrap();
+        for test in group["tests"].as_array().unwrap() {
+            let message = hex::decode(test["msg"].as_str().unwrap()).unwrap();
+            let signature = test["sig"].as_str().unwrap();
+            let verdict = check_signature_by(&key_id(&key), signature, &message, &[key]);
+            let expected = test["result"].as_str().unwrap();
+            assert_eq!(
+                verdict.is_ok(),
+                expected == "valid",
+                "tcId {} ({}): expected {expected}, got {verdict:?}",
+                test["tcId"],
+                test["comment"]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, file["numberOfTests"].as_u64().unwrap());
+}
+
 /// RFC 8785, section 3.2.2: the canonical form of its example object.
 #[test]
 fn canonical_json_matches_rfc_8785() {
