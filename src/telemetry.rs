@@ -28,6 +28,8 @@ pub struct Metrics {
     pub open_streams: IntGauge,
     /// Usage records waiting to be written to SQLite.
     pub usage_backlog: IntGauge,
+    /// Control-store writes waiting for their commit.
+    pub control_queue: IntGauge,
     /// Ledger entries not yet acknowledged by each SIEM sink.
     pub sink_lag: prometheus::IntGaugeVec,
 }
@@ -88,6 +90,12 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
 
+        let control_queue = IntGauge::new(
+            "warden_control_writes_queued",
+            "Control-store writes (decisions, agent changes, leases) waiting for their commit.",
+        )
+        .expect("static metric definition is valid");
+
         let sink_lag = prometheus::IntGaugeVec::new(
             Opts::new(
                 "warden_sink_lag_entries",
@@ -107,6 +115,7 @@ impl Metrics {
             ttft,
             open_streams,
             usage_backlog,
+            control_queue,
             sink_lag,
         };
         metrics.register();
@@ -114,7 +123,7 @@ impl Metrics {
     }
 
     fn register(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
             Box::new(self.requests.clone()),
             Box::new(self.tokens.clone()),
             Box::new(self.spend.clone()),
@@ -123,6 +132,7 @@ impl Metrics {
             Box::new(self.ttft.clone()),
             Box::new(self.open_streams.clone()),
             Box::new(self.usage_backlog.clone()),
+            Box::new(self.control_queue.clone()),
             Box::new(self.sink_lag.clone()),
         ];
         for collector in collectors {

@@ -182,6 +182,8 @@ fn parse_since(since: Option<&str>) -> Result<i64, ApiError> {
 /// `GET /metrics`: Prometheus text exposition.
 async fn metrics(State(app): AppState) -> Response {
     app.metrics.usage_backlog.set(app.usage.backlog() as i64);
+    let control = app.control.commit_stats();
+    app.metrics.control_queue.set(control.queued() as i64);
     let mut response = app.metrics.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -111,6 +111,14 @@ impl<S: Clone + Send + 'static> Committer<S> {
     }
 }
 
+impl Stats {
+    /// Writes handed over and not yet applied: the writer's queue.
+    pub fn queued(&self) -> u64 {
+        let submitted = self.submitted.load(Ordering::Relaxed);
+        submitted.saturating_sub(self.writes.get())
+    }
+}
+
 impl<S> Drop for Committer<S> {
     /// Lets the writer finish what is queued and close its connection.
     fn drop(&mut self) {

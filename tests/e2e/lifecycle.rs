@@ -41,6 +41,7 @@ async fn metrics_show_spend_and_pass_promtool() {
         "warden_time_to_first_token_seconds_bucket",
         "warden_open_streams 0",
         "warden_usage_backlog 0",
+        "warden_control_writes_queued 0",
     ] {
         assert!(metrics.contains(name), "missing {name}");
     }
