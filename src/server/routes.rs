@@ -209,6 +209,8 @@ struct LedgerParams {
     kind: Option<String>,
     /// Entries at or after this time (unix seconds or RFC 3339).
     since: Option<String>,
+    /// Entries before this time (unix seconds or RFC 3339).
+    until: Option<String>,
     /// Entries after this sequence number: the `next_after` of the previous page.
     #[serde(default)]
     after: u64,
@@ -227,10 +229,8 @@ async fn ledger_entries(
         field: "query",
         reason: e.body_text(),
     })?;
-    let since = match &params.since {
-        Some(_) => Some(parse_since(params.since.as_deref())?),
-        None => None,
-    };
+    let since = ledger_time("since", params.since.as_deref())?;
+    let until = ledger_time("until", params.until.as_deref())?;
     let limit = params.limit.clamp(1, 1000);
 
     let store = app.store.clone();
@@ -239,6 +239,8 @@ async fn ledger_entries(
         let query = LedgerQuery {
             subject: params.agent.as_deref(),
             kind: params.kind.as_deref(),
+            since: since.as_deref(),
+            until: until.as_deref(),
             after: params.after,
             limit,
         };
@@ -251,24 +253,27 @@ async fn ledger_entries(
     let next_after = (page.len() == limit)
         .then(|| page.last().map(|e| e.seq))
         .flatten();
-    let data: Vec<ExportLine> = page
-        .iter()
-        .map(ExportLine::of)
-        .filter(|line| since.is_none_or(|ms| entry_ms(&line.entry) >= ms))
-        .collect();
+    let data: Vec<ExportLine> = page.iter().map(ExportLine::of).collect();
     Ok(
         Json(serde_json::json!({ "object": "list", "data": data, "next_after": next_after }))
             .into_response(),
     )
 }
 
-/// An entry's time in unix milliseconds.
-fn entry_ms(entry: &serde_json::Value) -> i64 {
-    entry["time"]
-        .as_str()
-        .and_then(|t| humantime::parse_rfc3339(t).ok())
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as i64)
+/// A time bound of a ledger query (unix seconds or RFC 3339), written as entries write
+/// their time, so that the two compare as strings.
+fn ledger_time(field: &'static str, text: Option<&str>) -> Result<Option<String>, ApiError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let instant = match text.parse::<u64>() {
+        Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+        Err(_) => humantime::parse_rfc3339_weak(text).map_err(|e| ApiError::InvalidField {
+            field,
+            reason: format!("{e}: use unix seconds or RFC 3339, e.g. 2026-12-01T00:00:00Z"),
+        })?,
+    };
+    Ok(Some(humantime::format_rfc3339_millis(instant).to_string()))
 }
 
 /// `POST /v1/ledger/rotate-key` (operator): a new ledger key, announced by an entry

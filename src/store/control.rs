@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     kind      TEXT    NOT NULL,
     subject   TEXT    NOT NULL
 );
+CREATE INDEX IF NOT EXISTS ledger_by_subject ON ledger (subject, seq);
+CREATE INDEX IF NOT EXISTS ledger_by_kind ON ledger (kind, seq);
 CREATE TABLE IF NOT EXISTS checkpoints (
     size      INTEGER PRIMARY KEY,
     root      TEXT    NOT NULL,
@@ -506,6 +508,10 @@ pub struct LedgerQuery<'a> {
     /// Entries about this SPIFFE ID.
     pub subject: Option<&'a str>,
     pub kind: Option<&'a str>,
+    /// Entries at or after this time, and before this time: RFC 3339 with milliseconds
+    /// in UTC, as entries write theirs, so that they compare as strings.
+    pub since: Option<&'a str>,
+    pub until: Option<&'a str>,
     /// Entries after this sequence number (for paging).
     pub after: u64,
     pub limit: usize,
@@ -519,13 +525,17 @@ pub fn query_ledger(
     let mut stmt = conn.prepare(
         "SELECT seq, entry, hash, signature, key_id FROM ledger
          WHERE seq > ?1 AND (?2 IS NULL OR subject = ?2) AND (?3 IS NULL OR kind = ?3)
-         ORDER BY seq LIMIT ?4",
+           AND (?4 IS NULL OR json_extract(entry, '$.time') >= ?4)
+           AND (?5 IS NULL OR json_extract(entry, '$.time') < ?5)
+         ORDER BY seq LIMIT ?6",
     )?;
     let rows = stmt.query_map(
         params![
             query.after as i64,
             query.subject,
             query.kind,
+            query.since,
+            query.until,
             query.limit as i64
         ],
         stored_entry,

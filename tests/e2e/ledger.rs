@@ -181,6 +181,35 @@ async fn ledger_query_filters_and_pages() {
     assert_eq!(data[0]["entry"]["kind"], "spawn");
     assert_eq!(data[0]["hash"].as_str().unwrap().len(), 64);
 
+    // Time bounds: at or after `since`, before `until`.
+    let all = get("limit=100".into()).await;
+    let times: Vec<String> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["entry"]["time"].as_str().unwrap().to_owned())
+        .collect();
+    let cut = &times[2];
+    let count = |page: &Value| page["data"].as_array().unwrap().len();
+    let later = get(format!("since={cut}")).await;
+    assert_eq!(count(&later), times.iter().filter(|t| *t >= cut).count());
+    let earlier = get(format!("until={cut}")).await;
+    assert_eq!(count(&earlier), times.iter().filter(|t| *t < cut).count());
+    assert_eq!(
+        count(&get("since=4102444800".into()).await),
+        0,
+        "2100 has no entries yet"
+    );
+
+    let (status, error) = call(
+        &h,
+        reqwest::Method::GET,
+        "/v1/ledger?since=yesterday",
+        OPERATOR_KEY,
+        None,
+    )
+    .await;
+    assert_eq!((status, error_of(&error).1), (400, "invalid_value"));
     let (status, _) = call(&h, reqwest::Method::GET, "/v1/ledger", CASE_LEAD_KEY, None).await;
     assert_eq!(status, 403, "operator only");
 }
