@@ -31,6 +31,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 const SIGNING_KEY_FILE: &str = "ledger-signing.key";
 const PUBLIC_KEY_FILE: &str = "ledger-public.key";
+/// A rotation's new key before the ledger has recorded the rotation.
+const STAGED_KEY_FILE: &str = "ledger-signing.next.key";
 
 /// Why the ledger key could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
@@ -55,20 +57,14 @@ impl Signer {
     /// public key beside it on first start.
     pub fn load_or_create(data_dir: &Path) -> Result<Signer, KeyError> {
         let path = data_dir.join(SIGNING_KEY_FILE);
-        let io = |source| KeyError::Io {
-            path: path.clone(),
-            source,
-        };
-
-        let key = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                parse_key(&text).ok_or_else(|| KeyError::Malformed { path: path.clone() })?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key(&path).map_err(io)?,
-            Err(e) => return Err(io(e)),
-        };
-        let signer = Signer {
-            key: SigningKey::from_bytes(&key),
+        let signer = match read_key(&path)? {
+            Some(signer) => signer,
+            None => Signer {
+                key: SigningKey::from_bytes(&create_key(&path).map_err(|source| KeyError::Io {
+                    path: path.clone(),
+                    source,
+                })?),
+            },
         };
 
         let public = data_dir.join(PUBLIC_KEY_FILE);
@@ -81,30 +77,73 @@ impl Signer {
         Ok(signer)
     }
 
-    /// Replaces the key in `data_dir` with a new one: the old key and its public key
-    /// are kept as `ledger-signing.<old key id>.key` and `ledger-public.<old key id>.key`,
-    /// and `ledger-public.key` becomes the new public key. Returns the new signer.
-    pub fn rotate(&self, data_dir: &Path) -> Result<Signer, KeyError> {
-        let old_id = self.key_id();
+    /// A new key for a rotation, written to `ledger-signing.next.key` (mode 0600,
+    /// synced) but not in force: it replaces the current key only once the ledger has
+    /// recorded the rotation (see [`Signer::promote_staged`]).
+    pub fn stage(data_dir: &Path) -> Result<Signer, KeyError> {
+        let path = data_dir.join(STAGED_KEY_FILE);
+        let io = |source| KeyError::Io {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let key = create_key(&path).map_err(io)?;
+        Ok(Signer {
+            key: SigningKey::from_bytes(&key),
+        })
+    }
+
+    /// Puts the staged key in force: the current key (if still there) is kept as
+    /// `ledger-signing.<key id>.key` with its public key as `ledger-public.<key id>.key`,
+    /// the staged key takes its place and `ledger-public.key` follows. Each step can run
+    /// again, so the next start finishes what a crash interrupted.
+    pub fn promote_staged(data_dir: &Path) -> Result<Signer, KeyError> {
         let current = data_dir.join(SIGNING_KEY_FILE);
+        let staged = data_dir.join(STAGED_KEY_FILE);
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| KeyError::Io { path, source }
         };
 
-        let archived = data_dir.join(format!("ledger-signing.{old_id}.key"));
-        std::fs::rename(&current, &archived).map_err(io(&current))?;
-        let old_public = data_dir.join(format!("ledger-public.{old_id}.key"));
-        std::fs::write(&old_public, format!("{}\n", self.public_key_hex()))
-            .map_err(io(&old_public))?;
-
-        let key = create_key(&current).map_err(io(&current))?;
-        let signer = Signer {
-            key: SigningKey::from_bytes(&key),
-        };
+        if let Some(old) = read_key(&current)? {
+            let id = old.key_id();
+            let archived = data_dir.join(format!("ledger-signing.{id}.key"));
+            std::fs::rename(&current, &archived).map_err(io(&current))?;
+            let old_public = data_dir.join(format!("ledger-public.{id}.key"));
+            std::fs::write(&old_public, format!("{}\n", old.public_key_hex()))
+                .map_err(io(&old_public))?;
+        }
+        let signer = read_key(&staged)?.ok_or_else(|| KeyError::Io {
+            path: staged.clone(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        std::fs::rename(&staged, &current).map_err(io(&staged))?;
         let public = data_dir.join(PUBLIC_KEY_FILE);
         std::fs::write(&public, format!("{}\n", signer.public_key_hex())).map_err(io(&public))?;
         Ok(signer)
+    }
+
+    /// Settles a rotation a crash left staged, before the key is loaded: the staged key
+    /// is put in force if the ledger announced it (`announced`: the new key id of the
+    /// last `key_rotation` entry), and discarded otherwise.
+    pub fn resume_rotation(data_dir: &Path, announced: Option<&str>) -> Result<(), KeyError> {
+        let staged = data_dir.join(STAGED_KEY_FILE);
+        let Some(key) = read_key(&staged)? else {
+            return Ok(());
+        };
+        if announced == Some(key.key_id().as_str()) {
+            tracing::warn!(ledger.key_id = %key.key_id(), "finishing a ledger key rotation the ledger recorded");
+            Signer::promote_staged(data_dir)?;
+            return Ok(());
+        }
+        tracing::warn!(ledger.key_id = %key.key_id(), "discarding a staged ledger key the ledger never announced");
+        std::fs::remove_file(&staged).map_err(|source| KeyError::Io {
+            path: staged,
+            source,
+        })
     }
 
     /// Adds this key's signature to a checkpoint another key signed (key rotation:
@@ -170,6 +209,25 @@ fn parse_key(text: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut key).ok()?;
     Some(key)
+}
+
+/// The key in `path`, if the file exists.
+fn read_key(path: &Path) -> Result<Option<Signer>, KeyError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let key = parse_key(&text).ok_or_else(|| KeyError::Malformed {
+                path: path.to_path_buf(),
+            })?;
+            Ok(Some(Signer {
+                key: SigningKey::from_bytes(&key),
+            }))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 fn create_key(path: &Path) -> std::io::Result<[u8; 32]> {

@@ -203,6 +203,38 @@ fn the_signing_key_is_created_private_and_kept() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A rotation staged but never recorded is discarded on the next start; one recorded
+/// is put in force, also when a crash stopped it halfway through switching files.
+#[test]
+fn a_staged_rotation_is_finished_only_if_the_ledger_announced_it() {
+    let dir = std::env::temp_dir().join(format!("warden-ledger-stage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = Signer::load_or_create(&dir).unwrap();
+    let current = || Signer::load_or_create(&dir).unwrap().key_id();
+
+    let unrecorded = Signer::stage(&dir).unwrap();
+    Signer::resume_rotation(&dir, Some(&old.key_id())).unwrap();
+    assert_eq!(
+        current(),
+        old.key_id(),
+        "never announced: the old key stays"
+    );
+    assert!(!dir.join(STAGED_KEY_FILE).exists());
+    assert_ne!(unrecorded.key_id(), old.key_id());
+
+    // Recorded, then a crash after the old key was archived, before the new one moved.
+    let recorded = Signer::stage(&dir).unwrap();
+    let archived = dir.join(format!("ledger-signing.{}.key", old.key_id()));
+    std::fs::rename(dir.join(SIGNING_KEY_FILE), &archived).unwrap();
+    Signer::resume_rotation(&dir, Some(&recorded.key_id())).unwrap();
+    assert_eq!(current(), recorded.key_id());
+    assert!(archived.exists(), "the old key is kept");
+    let public = read_public_key(&dir.join(PUBLIC_KEY_FILE)).unwrap();
+    assert_eq!(hex::encode(public.as_bytes()), recorded.public_key_hex());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn checkpoints_catch_a_ledger_cut_short_and_prove_inclusion() {
     let signer = signer(7);

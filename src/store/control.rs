@@ -193,17 +193,21 @@ impl ControlStore {
 
     /// Rotates the ledger key: a `key_rotation` entry signed by the old key announces
     /// the new one, and the next checkpoint (made at once) is signed by both.
+    ///
+    /// The new key is staged on disk first and put in force only after the entry is
+    /// committed: a crash before the commit leaves the old key (the staged one is
+    /// discarded on the next start), one after it is finished on the next start (see
+    /// [`Signer::resume_rotation`]), so no entry is ever signed by a key the ledger has
+    /// not announced.
     pub fn rotate_key(
         &self,
         data_dir: &std::path::Path,
         actor: &str,
     ) -> Result<(i64, Signer), StoreError> {
-        let (data_dir, actor) = (data_dir.to_path_buf(), actor.to_owned());
+        let (dir, actor) = (data_dir.to_path_buf(), actor.to_owned());
         let (seq, new) = self.writer.write(move |conn, tail| {
             let old = tail.signer.clone();
-            let new = old
-                .rotate(&data_dir)
-                .map_err(|e| StoreError::Key(e.to_string()))?;
+            let new = Signer::stage(&dir).map_err(|e| StoreError::Key(e.to_string()))?;
             let announcement = DecisionRow {
                 time: now(),
                 kind: "key_rotation",
@@ -223,6 +227,12 @@ impl ControlStore {
         })?;
 
         *self.signer.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        Signer::promote_staged(data_dir).map_err(|e| {
+            StoreError::Key(format!(
+                "rotation recorded as entry {seq} and in use, but its key files not switched \
+                 (the next start finishes it): {e}"
+            ))
+        })?;
         Ok((seq, new))
     }
 
@@ -552,6 +562,22 @@ fn stored_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
         signature: row.get(3)?,
         key_id: row.get(4)?,
     })
+}
+
+/// The key the last `key_rotation` entry announced, if any: a staged key with this id
+/// was recorded and must be put in force (see [`Signer::resume_rotation`]).
+pub fn announced_key(store: &Store) -> Result<Option<String>, StoreError> {
+    let conn = store.connection()?;
+    conn.execute_batch(SCHEMA)?;
+    let announced = conn
+        .query_row(
+            "SELECT json_extract(entry, '$.details.new_key_id') FROM ledger
+             WHERE kind = 'key_rotation' ORDER BY seq DESC LIMIT 1",
+            [],
+            |row| row.get::<_, Option<String>>(0),
+        )
+        .optional()?;
+    Ok(announced.flatten())
 }
 
 /// Every ledger entry in order, for verification and export.
