@@ -9,10 +9,13 @@
 //! never waiting for company.
 //!
 //! Each write runs in its own savepoint with a copy of the writer's state taken first,
-//! so a write that fails is undone alone and its neighbours in the group still commit.
-//! A group whose commit fails is answered with the error, every write in it, and the
-//! state goes back to what it was before the group.
+//! so a write that fails (or panics) is undone alone and its neighbours in the group
+//! still commit. Some SQLite errors (disk full, I/O) roll the whole transaction back by
+//! themselves; then the group stops there, as does a group whose commit fails: every
+//! write in it is answered with the error, and the state goes back to what it was
+//! before the group.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -167,15 +170,22 @@ fn commit<S: Clone>(
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| e.to_string())?;
     for job in group.iter_mut() {
-        job.apply(&mut tx, state);
+        if let Err(error) = job.apply(&mut tx, state)
+            && tx.is_autocommit()
+        {
+            // SQLite rolled the transaction back: a later write's savepoint would
+            // commit on its own, outside the group.
+            return Err(format!("the transaction was rolled back: {error}"));
+        }
     }
     tx.commit().map_err(|e| e.to_string())
 }
 
 /// One queued write, its type erased so writes of any result type share the queue.
 trait Job<S>: Send {
-    /// Runs the write in its own savepoint of the group's transaction.
-    fn apply(&mut self, tx: &mut Transaction<'_>, state: &mut S);
+    /// Runs the write in its own savepoint of the group's transaction; its error, if
+    /// it failed.
+    fn apply(&mut self, tx: &mut Transaction<'_>, state: &mut S) -> Result<(), String>;
 
     /// Answers the caller once the group's commit is known.
     fn answer(self: Box<Self>, committed: &Result<(), String>);
@@ -183,6 +193,7 @@ trait Job<S>: Send {
 
 struct Call<T, F> {
     write: Option<F>,
+    /// The write's result once applied; it stands only if its group commits.
     outcome: Option<Result<T, StoreError>>,
     reply: mpsc::SyncSender<Result<T, StoreError>>,
 }
@@ -193,27 +204,31 @@ where
     T: Send,
     F: FnOnce(&Connection, &mut S) -> Result<T, StoreError> + Send,
 {
-    fn apply(&mut self, tx: &mut Transaction<'_>, state: &mut S) {
+    fn apply(&mut self, tx: &mut Transaction<'_>, state: &mut S) -> Result<(), String> {
         let Some(write) = self.write.take() else {
-            return;
+            return Ok(());
         };
         let before = state.clone();
         let outcome = tx.savepoint().map_err(StoreError::from).and_then(|sp| {
-            let value = write(&sp, state)?;
+            // A panicking write fails alone instead of taking the writer thread down.
+            let value = std::panic::catch_unwind(AssertUnwindSafe(|| write(&sp, state)))
+                .unwrap_or_else(|_| Err(StoreError::Commit("the write panicked".into())))?;
             sp.commit()?;
             Ok(value)
         });
-        if outcome.is_err() {
+
+        let error = outcome.as_ref().err().map(ToString::to_string);
+        if error.is_some() {
             *state = before;
         }
         self.outcome = Some(outcome);
+        error.map_or(Ok(()), Err)
     }
 
     fn answer(self: Box<Self>, committed: &Result<(), String>) {
-        let result = match (committed, self.outcome) {
-            (Ok(()), Some(outcome)) => outcome,
-            (Err(error), _) => Err(StoreError::Commit(error.clone())),
-            (Ok(()), None) => Err(StoreError::WriterGone),
+        let result = match committed {
+            Err(error) => Err(StoreError::Commit(error.clone())),
+            Ok(()) => self.outcome.unwrap_or(Err(StoreError::WriterGone)),
         };
         let _ = self.reply.send(result);
     }
@@ -223,79 +238,151 @@ where
 mod tests {
     use super::*;
 
-    fn committer() -> Committer<u64> {
+    type Write = Box<dyn FnOnce(&Connection, &mut u64) -> Result<u64, StoreError> + Send>;
+
+    fn committer() -> Arc<Committer<u64>> {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+        conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY); CREATE TABLE b (data BLOB);")
             .unwrap();
-        Committer::start(conn, 0).unwrap()
+        Arc::new(Committer::start(conn, 0).unwrap())
     }
 
-    fn insert(conn: &Connection, count: &mut u64, n: u64) -> Result<u64, StoreError> {
-        conn.execute("INSERT INTO t (n) VALUES (?1)", [n as i64])?;
-        *count += 1;
-        Ok(*count)
+    /// Inserts `n` and counts it in the state; returns the count.
+    fn insert(n: u64) -> Write {
+        Box::new(move |conn, count| {
+            conn.execute("INSERT INTO t (n) VALUES (?1)", [n as i64])?;
+            *count += 1;
+            Ok(*count)
+        })
     }
 
-    /// Writes that queue while a group commits go into the next group together.
-    #[test]
-    fn queued_writes_share_one_commit() {
-        let committer = Arc::new(committer());
+    fn rows(committer: &Committer<u64>) -> Vec<u64> {
+        committer
+            .write(|conn, _| {
+                let mut stmt = conn.prepare("SELECT n FROM t ORDER BY n")?;
+                let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+                Ok(rows.map(|n| n.unwrap() as u64).collect())
+            })
+            .unwrap()
+    }
+
+    /// Runs `writes` as one group: a first write holds the writer until all of them
+    /// are queued, in order. Returns their results in order.
+    fn grouped(
+        committer: &Arc<Committer<u64>>,
+        writes: Vec<Write>,
+    ) -> Vec<Result<u64, StoreError>> {
+        let groups = committer.stats().groups.get();
+        let mut queued = committer.stats().submitted.load(Ordering::Relaxed) + 1;
         let (started, running) = mpsc::channel::<()>();
         let (held, release) = mpsc::channel::<()>();
         let blocker = {
-            let committer = Arc::clone(&committer);
+            let committer = Arc::clone(committer);
             std::thread::spawn(move || {
-                committer.write(move |conn, count| {
+                committer.write(move |_, _| {
                     started.send(()).unwrap();
                     release.recv().unwrap();
-                    insert(conn, count, 0)
+                    Ok(0)
                 })
             })
         };
         running.recv().unwrap();
 
-        let writers: Vec<_> = (1..=20)
-            .map(|n| {
-                let committer = Arc::clone(&committer);
-                std::thread::spawn(move || committer.write(move |conn, c| insert(conn, c, n)))
+        let writers: Vec<_> = writes
+            .into_iter()
+            .map(|write| {
+                let writer = {
+                    let committer = Arc::clone(committer);
+                    std::thread::spawn(move || committer.write(write))
+                };
+                queued += 1;
+                while committer.stats().submitted.load(Ordering::Relaxed) < queued {
+                    std::thread::yield_now();
+                }
+                writer
             })
             .collect();
-        while committer.stats().submitted.load(Ordering::Relaxed) < 21 {
-            std::thread::yield_now();
-        }
         held.send(()).unwrap();
 
-        assert_eq!(blocker.join().unwrap().unwrap(), 1);
-        let mut counts: Vec<u64> = writers
-            .into_iter()
-            .map(|w| w.join().unwrap().unwrap())
-            .collect();
-        counts.sort();
-        assert_eq!(counts, (2..=21).collect::<Vec<_>>());
-        assert_eq!(committer.stats().writes.get(), 21);
+        blocker.join().unwrap().unwrap();
+        let results = writers.into_iter().map(|w| w.join().unwrap()).collect();
         assert_eq!(
             committer.stats().groups.get(),
-            2,
-            "the blocked write alone, then the twenty that queued behind it"
+            groups + 2,
+            "the held write alone, then the others together"
         );
+        results
     }
 
-    /// A failing write is undone alone: its state change too, and its neighbours commit.
+    /// Writes that queue while a group commits go into the next group together.
+    #[test]
+    fn queued_writes_share_one_commit() {
+        let committer = committer();
+        let results = grouped(&committer, (1..=20).map(insert).collect());
+
+        let counts: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
+        assert_eq!(counts, (1..=20).collect::<Vec<_>>());
+        assert_eq!(rows(&committer), (1..=20).collect::<Vec<_>>());
+    }
+
+    /// A failing write is undone alone, its state change too; its neighbours in the
+    /// same group commit.
     #[test]
     fn a_failed_write_is_undone_alone() {
         let committer = committer();
-        committer.write(|conn, c| insert(conn, c, 1)).unwrap();
-
-        let duplicate = committer.write(|conn, c| {
-            insert(conn, c, 2)?;
-            insert(conn, c, 1)
+        let duplicate: Write = Box::new(|conn, count| {
+            insert(2)(conn, count)?;
+            insert(1)(conn, count)
         });
-        assert!(duplicate.is_err(), "the second insert collides");
+        let results = grouped(&committer, vec![insert(1), duplicate, insert(3)]);
 
-        assert_eq!(committer.write(|conn, c| insert(conn, c, 3)).unwrap(), 2);
-        let rows: i64 = committer
-            .write(|conn, _| Ok(conn.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+        assert_eq!(results[0].as_ref().unwrap(), &1);
+        assert!(results[1].is_err(), "the second insert of 1 collides");
+        assert_eq!(
+            results[2].as_ref().unwrap(),
+            &2,
+            "the failed write's count is undone"
+        );
+        assert_eq!(rows(&committer), [1, 3], "row 2 went with its failed write");
+    }
+
+    /// A panicking write fails alone; the writer lives on.
+    #[test]
+    fn a_panicking_write_fails_alone() {
+        let committer = committer();
+        let panics: Write = Box::new(|_, _| panic!("a bug in a write"));
+        let results = grouped(&committer, vec![insert(1), panics, insert(2)]);
+
+        assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok());
+        assert_eq!(rows(&committer), [1, 2]);
+    }
+
+    /// When SQLite rolls the transaction back by itself (here: the database is full),
+    /// no later write of the group commits on its own: the whole group fails, the
+    /// state is as before, and the next group goes on from there.
+    #[test]
+    fn a_transaction_rolled_back_by_sqlite_fails_the_whole_group() {
+        let committer = committer();
+        committer
+            .write(|conn, _| {
+                let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                conn.query_row(
+                    &format!("PRAGMA max_page_count = {}", pages + 4),
+                    [],
+                    |_| Ok(()),
+                )?;
+                Ok(0)
+            })
             .unwrap();
-        assert_eq!(rows, 2, "row 2 went with its failed write");
+        let too_big: Write = Box::new(|conn, _| {
+            conn.execute("INSERT INTO b (data) VALUES (zeroblob(1000000))", [])?;
+            Ok(0)
+        });
+        let results = grouped(&committer, vec![insert(1), too_big, insert(2)]);
+
+        assert!(results.iter().all(Result::is_err), "{results:?}");
+        assert_eq!(rows(&committer), Vec::<u64>::new());
+        assert_eq!(committer.write(|conn, c| insert(3)(conn, c)).unwrap(), 1);
+        assert_eq!(rows(&committer), [3]);
     }
 }
