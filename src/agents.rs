@@ -382,19 +382,21 @@ impl Registry {
         self.delegation.get(&lead).map(|d| d.clone())
     }
 
-    /// Ends `agent` and every descendant, deepest first: each stops authenticating,
-    /// and each unspent slice returns to its parent. Returns the agents ended now.
+    /// Ends `agent` and every descendant still live (also under an agent that ended
+    /// before), deepest first: each stops authenticating, and each unspent slice
+    /// returns to its parent. Returns the agents ended now.
     pub fn end(&self, agent: &Agent, reason: EndReason, budgets: &Budgets) -> Vec<Arc<Agent>> {
         let Some(agent) = self.get(agent.key) else {
             return Vec::new();
         };
-        {
+        let ends_now = {
             let mut state = agent.ended.lock().unwrap_or_else(|p| p.into_inner());
-            if state.is_some() {
-                return Vec::new();
+            let live = state.is_none();
+            if live {
+                *state = Some((SystemTime::now(), reason));
             }
-            *state = Some((SystemTime::now(), reason));
-        }
+            live
+        };
 
         // Marked before its children are listed: a spawn that publishes a child after
         // the mark finds its parent ended and ends the child itself (see `spawn`); one
@@ -404,10 +406,23 @@ impl Registry {
             ended.extend(self.end(&child, EndReason::Cascaded, budgets));
         }
 
-        self.live_ids.remove(&agent.spiffe_id);
-        budgets.end(agent.key);
-        ended.push(agent);
+        if ends_now {
+            self.live_ids.remove(&agent.spiffe_id);
+            budgets.end(agent.key);
+            ended.push(agent);
+        }
         ended
+    }
+
+    /// Ends every live agent under an ended one and returns them. A crash can leave
+    /// one behind: a child stored just after its parent ended, before the child's own
+    /// end was stored (see `spawn`).
+    pub fn end_orphans(&self, budgets: &Budgets) -> Vec<Arc<Agent>> {
+        self.all()
+            .into_iter()
+            .filter(|agent| !agent.is_live())
+            .flat_map(|agent| self.end(&agent, EndReason::Cascaded, budgets))
+            .collect()
     }
 
     /// Puts a reloaded policy in force: leads' limits, scopes and delegation rules

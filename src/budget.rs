@@ -177,6 +177,8 @@ struct Node {
     tripped: bool,
     window: u64,
     state: NodeState,
+    /// The window the node ended in: what it passed up then counts in that window only.
+    ended_in: u64,
 }
 
 impl Node {
@@ -466,8 +468,8 @@ impl Budgets {
         tree.insert(child, new_node(Some(parent), slice, window));
     }
 
-    /// Ends `agent`: its unspent slice returns to its parent. Its descendants must have
-    /// ended first; open reservations stay counted as spent in the parent.
+    /// Ends `agent`: its unspent slice returns to its parent (and past it, if the parent
+    /// ended first). Open reservations stay counted as spent in the parent.
     pub fn end(&self, agent: AgentKey) {
         let (mut tree, window) = self.lock();
         let Some(node) = tree.get_mut(&agent) else {
@@ -478,6 +480,7 @@ impl Budgets {
         }
         node.roll(window);
         node.state = NodeState::Ended;
+        node.ended_in = window;
         let (mut next, slice, used) = (node.parent, node.limit, node.committed());
 
         let Some(parent) = next.and_then(|p| tree.get_mut(&p)) else {
@@ -489,10 +492,12 @@ impl Budgets {
 
         // A parent that ended first (a child published just after its parent's end)
         // passed this whole slice up as used; pass the unspent part up after it, to
-        // the first ancestor still live.
+        // the first ancestor still live. Only within the window it was passed up in:
+        // after that, the ancestor's counters have started again.
         let returned = slice.saturating_sub(used);
         while let Some(ended) = next.and_then(|p| tree.get(&p))
             && ended.state == NodeState::Ended
+            && ended.ended_in == window
         {
             next = ended.parent;
             if let Some(ancestor) = next.and_then(|p| tree.get_mut(&p)) {
@@ -554,6 +559,7 @@ fn new_node(parent: Option<AgentKey>, limit: Amount, window: u64) -> Node {
         tripped: false,
         window,
         state: NodeState::Live,
+        ended_in: 0,
     }
 }
 

@@ -179,6 +179,9 @@ impl DecisionLog {
 
     /// Stores that `agents` ended, with one decision each, together. Blocking.
     pub fn ended(&self, actor: &str, agents: &[Arc<Agent>]) -> Result<Vec<String>, StoreError> {
+        if agents.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows: Vec<_> = agents
             .iter()
             .filter_map(|a| {

@@ -164,9 +164,18 @@ impl Server {
         let control = Arc::new(ControlStore::open(&store, signer)?);
         let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
         let registry = Registry::restore(&config.policy, &budgets, &control)?;
+        let decisions = DecisionLog::new(control.clone());
+        let orphans = registry.end_orphans(&budgets);
+        if !orphans.is_empty() {
+            tracing::warn!(
+                agents = orphans.len(),
+                "ending agents whose parents ended before a crash"
+            );
+            decisions.ended("warden", &orphans)?;
+        }
         let app = App {
             identities: Identities::new(&config.operator.key_sha256, &registry)?,
-            decisions: DecisionLog::new(control.clone()),
+            decisions,
             control,
             registry,
             policy: RwLock::new(Arc::new(config.policy.clone())),

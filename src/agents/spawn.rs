@@ -607,51 +607,124 @@ mod tests {
         .unwrap()
     }
 
+    /// A registry over a store in `dir`, as a start of Warden builds it.
+    struct World {
+        policy: Policy,
+        budgets: Arc<Budgets>,
+        registry: Registry,
+        identities: Identities,
+        decisions: DecisionLog,
+    }
+
+    impl World {
+        fn open(dir: &std::path::Path) -> World {
+            let store = Store::open(dir).unwrap();
+            let signer = Signer::load_or_create(dir).unwrap();
+            let control = Arc::new(ControlStore::open(&store, signer).unwrap());
+            let policy = Policy::load(None, |_| true).unwrap();
+            let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
+            let registry = Registry::restore(&policy, &budgets, &control).unwrap();
+            World {
+                identities: Identities::new(&"0".repeat(64), &registry).unwrap(),
+                decisions: DecisionLog::new(control),
+                policy,
+                budgets,
+                registry,
+            }
+        }
+
+        fn fleet(&self) -> Fleet<'_> {
+            Fleet {
+                registry: &self.registry,
+                identities: &self.identities,
+                budgets: &self.budgets,
+                policy: &self.policy,
+                decisions: &self.decisions,
+            }
+        }
+
+        /// A worker under the demo lead, and its child `fetcher` reserved (checked,
+        /// slice carved out) but neither stored nor published.
+        fn worker_and_reserved_child(&self) -> (Arc<Agent>, Arc<Agent>) {
+            let worker = spawn(request("lead", "worker", "100"), None, self.fleet())
+                .unwrap()
+                .agent;
+            let helper = request("worker", "fetcher", "10");
+            let terms = terms(&helper, &worker, &self.registry).unwrap();
+            let (child, _key) = reserve(helper.name, &worker, &terms, &self.fleet()).unwrap();
+            (worker, child)
+        }
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("warden-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
     /// A parent that ends between its child's checks and the child's publication takes
     /// the child with it: the spawn is refused, the child ended and recorded, its slice
     /// back with the lead.
     #[test]
     fn a_parent_ended_during_the_commit_takes_the_child_with_it() {
-        let dir = std::env::temp_dir().join(format!("warden-spawn-race-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let store = Store::open(&dir).unwrap();
-        let control =
-            Arc::new(ControlStore::open(&store, Signer::load_or_create(&dir).unwrap()).unwrap());
-        let policy = Policy::load(None, |_| true).unwrap();
-        let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
-        let registry = Registry::restore(&policy, &budgets, &control).unwrap();
-        let identities = Identities::new(&"0".repeat(64), &registry).unwrap();
-        let decisions = DecisionLog::new(control);
-        let fleet = || Fleet {
-            registry: &registry,
-            identities: &identities,
-            budgets: &budgets,
-            policy: &policy,
-            decisions: &decisions,
-        };
-        let lead = registry.find("lead").unwrap();
-        let room = budgets.available(lead.key);
+        let dir = scratch("spawn-race");
+        let world = World::open(&dir);
+        let lead = world.registry.find("lead").unwrap();
+        let room = world.budgets.available(lead.key);
 
-        let worker = spawn(request("lead", "worker", "100"), None, fleet())
-            .unwrap()
-            .agent;
-        let helper = request("worker", "fetcher", "10");
-        let terms = terms(&helper, &worker, &registry).unwrap();
-        let (child, _key) = reserve(helper.name, &worker, &terms, &fleet()).unwrap();
-        let stored = decisions.spawned(&child.row(), &Decision::spawn("operator", &worker, &child));
-
-        let ended = registry.end(&worker, EndReason::Terminated, &budgets);
+        let (worker, child) = world.worker_and_reserved_child();
+        let decision = Decision::spawn("operator", &worker, &child);
+        let stored = world.decisions.spawned(&child.row(), &decision);
+        let ended = world
+            .registry
+            .end(&worker, EndReason::Terminated, &world.budgets);
         assert_eq!(ended.len(), 1, "the child is not published yet");
-        let refused = publish(&worker, &child, stored, &fleet());
+        let refused = publish(&worker, &child, stored, &world.fleet());
 
         assert!(
             matches!(refused, Err(ApiError::ParentUnavailable { .. })),
             "{refused:?}"
         );
         assert!(!child.is_live());
-        assert_eq!(budgets.available(lead.key), room, "both slices are back");
-        let recorded = control_kinds(&dir);
-        assert_eq!(recorded, ["spawn", "spawn", "termination"]);
+        assert_eq!(
+            world.budgets.available(lead.key),
+            room,
+            "both slices are back"
+        );
+        assert_eq!(control_kinds(&dir), ["spawn", "spawn", "termination"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A crash after such a child was stored but before its end was leaves it live
+    /// under its ended parent; the next start ends it.
+    #[test]
+    fn a_child_left_under_an_ended_parent_by_a_crash_is_ended_on_restart() {
+        let dir = scratch("spawn-orphan");
+        let world = World::open(&dir);
+        let lead = world.registry.find("lead").unwrap();
+        let room = world.budgets.available(lead.key);
+        let (worker, child) = world.worker_and_reserved_child();
+        let ended = world
+            .registry
+            .end(&worker, EndReason::Terminated, &world.budgets);
+        world.decisions.ended("operator", &ended).unwrap();
+        let decision = Decision::spawn("operator", &worker, &child);
+        world.decisions.spawned(&child.row(), &decision).unwrap();
+        drop(world);
+
+        let world = World::open(&dir);
+        let restored = world.registry.find(&child.id).unwrap();
+        assert!(restored.is_live(), "stored as spawned, never as ended");
+        let orphans = world.registry.end_orphans(&world.budgets);
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].id, child.id);
+        assert!(!restored.is_live());
+        assert_eq!(
+            world.budgets.available(lead.key),
+            room,
+            "both slices are back"
+        );
+        assert!(world.registry.end_orphans(&world.budgets).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

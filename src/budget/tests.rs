@@ -138,6 +138,34 @@ fn a_child_ended_after_its_parent_returns_its_slice_to_the_lead() {
     );
 }
 
+/// The same across a day change: what the parent passed up belonged to the day it
+/// ended, so the next day's counters are left alone.
+#[test]
+fn a_child_ended_after_its_parent_on_the_next_day_changes_nothing_then() {
+    let clock = ManualClock::at(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * 20_000));
+    let b = Budgets::new(clock.clone());
+    b.add_root(1, usd("100"));
+    b.delegate(1, 2, usd("40")).unwrap();
+    b.delegate(2, 3, usd("10")).unwrap();
+    b.delegate(1, 4, usd("30")).unwrap();
+    b.end(2);
+
+    clock.advance(Duration::from_secs(86_400));
+    b.reserve(4, usd("20")).unwrap().settle(usd("20"));
+    b.end(4);
+    assert_eq!(
+        b.view(1).unwrap().available,
+        usd("80"),
+        "today: 20 spent by 4"
+    );
+    b.end(3);
+    assert_eq!(
+        b.view(1).unwrap().available,
+        usd("80"),
+        "3's slice was yesterday's"
+    );
+}
+
 #[test]
 fn ending_a_child_returns_its_unspent_slice() {
     let b = budgets();
