@@ -44,6 +44,15 @@ pub enum KeyError {
     },
     #[error("{path}: not a hex Ed25519 key of 32 bytes")]
     Malformed { path: PathBuf },
+    #[error(
+        "{path} holds key {found}, but the ledger's entries are now signed by key {expected}: \
+         restore that key's file (entries signed by any other key would not verify)"
+    )]
+    NotTheLedgersKey {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
 }
 
 /// The ledger's signing key.
@@ -53,6 +62,23 @@ pub struct Signer {
 }
 
 impl Signer {
+    /// Loads the signing key of a ledger whose next entry must be signed by the key
+    /// `expected` (none for an empty ledger), settling a rotation a crash interrupted
+    /// first (see [`Signer::resume_rotation`]). Refuses a key the ledger does not
+    /// expect: every entry it signed would fail verification.
+    pub fn load_for(data_dir: &Path, expected: Option<&str>) -> Result<Signer, KeyError> {
+        Signer::resume_rotation(data_dir, expected)?;
+        let signer = Signer::load_or_create(data_dir)?;
+        match expected {
+            Some(expected) if expected != signer.key_id() => Err(KeyError::NotTheLedgersKey {
+                path: data_dir.join(SIGNING_KEY_FILE),
+                found: signer.key_id(),
+                expected: expected.to_owned(),
+            }),
+            _ => Ok(signer),
+        }
+    }
+
     /// Loads the signing key from `data_dir`, creating it (mode 0600) and writing the
     /// public key beside it on first start.
     pub fn load_or_create(data_dir: &Path) -> Result<Signer, KeyError> {
@@ -91,6 +117,7 @@ impl Signer {
             _ => {}
         }
         let key = create_key(&path).map_err(io)?;
+        sync_dir(data_dir)?;
         Ok(Signer {
             key: SigningKey::from_bytes(&key),
         })
@@ -123,13 +150,14 @@ impl Signer {
         std::fs::rename(&staged, &current).map_err(io(&staged))?;
         let public = data_dir.join(PUBLIC_KEY_FILE);
         std::fs::write(&public, format!("{}\n", signer.public_key_hex())).map_err(io(&public))?;
+        sync_dir(data_dir)?;
         Ok(signer)
     }
 
     /// Settles a rotation a crash left staged, before the key is loaded: the staged key
-    /// is put in force if the ledger announced it (`announced`: the new key id of the
-    /// last `key_rotation` entry), and discarded otherwise.
-    pub fn resume_rotation(data_dir: &Path, announced: Option<&str>) -> Result<(), KeyError> {
+    /// is put in force if the ledger announced it (`announced`: the key the ledger
+    /// expects next), and discarded otherwise.
+    fn resume_rotation(data_dir: &Path, announced: Option<&str>) -> Result<(), KeyError> {
         let staged = data_dir.join(STAGED_KEY_FILE);
         let Some(key) = read_key(&staged)? else {
             return Ok(());
@@ -209,6 +237,16 @@ fn parse_key(text: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut key).ok()?;
     Some(key)
+}
+
+/// Makes renames and new files in `dir` survive a power cut.
+fn sync_dir(dir: &Path) -> Result<(), KeyError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| KeyError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// The key in `path`, if the file exists.

@@ -158,9 +158,8 @@ impl Server {
             n => n,
         };
 
-        let announced = crate::store::control::announced_key(&store)?;
-        Signer::resume_rotation(&config.server.data_dir, announced.as_deref())?;
-        let signer = Signer::load_or_create(&config.server.data_dir)?;
+        let next_key = crate::store::control::next_key_id(&store)?;
+        let signer = Signer::load_for(&config.server.data_dir, next_key.as_deref())?;
         let control = Arc::new(ControlStore::open(&store, signer)?);
         let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
         let registry = Registry::restore(&config.policy, &budgets, &control)?;

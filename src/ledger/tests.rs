@@ -232,6 +232,15 @@ fn a_staged_rotation_is_finished_only_if_the_ledger_announced_it() {
     assert!(archived.exists(), "the old key is kept");
     let public = read_public_key(&dir.join(PUBLIC_KEY_FILE)).unwrap();
     assert_eq!(hex::encode(public.as_bytes()), recorded.public_key_hex());
+
+    // A key the ledger does not expect is refused rather than used.
+    let expected = Some(recorded.key_id());
+    assert!(Signer::load_for(&dir, expected.as_deref()).is_ok());
+    let refused = Signer::load_for(&dir, Some(&old.key_id())).err();
+    assert!(
+        matches!(refused, Some(KeyError::NotTheLedgersKey { .. })),
+        "{refused:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

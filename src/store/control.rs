@@ -118,6 +118,8 @@ pub struct ControlStore {
     writer: Committer<Tail>,
     /// The key signing new entries, as last committed (the writer keeps its own copy).
     signer: RwLock<Signer>,
+    /// Held through a key rotation, from staging the key to putting it in force.
+    rotation: Mutex<()>,
 }
 
 /// The end of the committed ledger, kept by the writer so an append reads nothing.
@@ -155,6 +157,7 @@ impl ControlStore {
             reader: Mutex::new(store.connection()?),
             writer: Committer::start(conn, tail)?,
             signer: RwLock::new(signer),
+            rotation: Mutex::new(()),
         };
         if intact < entries.len() {
             control.cut_torn_tail(intact as u64 + 1, entries.len() as u64)?;
@@ -204,6 +207,7 @@ impl ControlStore {
         data_dir: &std::path::Path,
         actor: &str,
     ) -> Result<(i64, Signer), StoreError> {
+        let _rotating = self.rotation.lock().unwrap_or_else(|p| p.into_inner());
         let (dir, actor) = (data_dir.to_path_buf(), actor.to_owned());
         let (seq, new) = self.writer.write(move |conn, tail| {
             let old = tail.signer.clone();
@@ -564,20 +568,22 @@ fn stored_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
     })
 }
 
-/// The key the last `key_rotation` entry announced, if any: a staged key with this id
-/// was recorded and must be put in force (see [`Signer::resume_rotation`]).
-pub fn announced_key(store: &Store) -> Result<Option<String>, StoreError> {
+/// The id of the key the ledger's next entry must be signed with: the one the last
+/// entry announced if it is a key rotation, else the one that signed it; none for an
+/// empty ledger.
+pub fn next_key_id(store: &Store) -> Result<Option<String>, StoreError> {
     let conn = store.connection()?;
     conn.execute_batch(SCHEMA)?;
-    let announced = conn
+    let last = conn
         .query_row(
-            "SELECT json_extract(entry, '$.details.new_key_id') FROM ledger
-             WHERE kind = 'key_rotation' ORDER BY seq DESC LIMIT 1",
+            "SELECT key_id, CASE WHEN kind = 'key_rotation'
+                 THEN json_extract(entry, '$.details.new_key_id') END
+             FROM ledger ORDER BY seq DESC LIMIT 1",
             [],
-            |row| row.get::<_, Option<String>>(0),
+            |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?)),
         )
         .optional()?;
-    Ok(announced.flatten())
+    Ok(last.map(|(signed_by, announced)| announced.unwrap_or(signed_by)))
 }
 
 /// Every ledger entry in order, for verification and export.

@@ -439,3 +439,37 @@ async fn key_rotation_keeps_the_ledger_verifiable_with_the_first_key() {
     let (ok, out) = warden_ledger(&["verify", "--jsonl", export, "--public-key", first_key]);
     assert!(!ok && out.contains("checkpoint"), "{out}");
 }
+
+/// Warden refuses to start with a signing key the ledger does not expect (here: the
+/// key file replaced), naming both keys, rather than sign entries nobody can verify.
+#[tokio::test]
+async fn a_foreign_signing_key_is_refused_at_start() {
+    let mut h = Harness::start().await;
+    let body = json!({"parent": "lead-quarterly-orchestrator", "name": "one",
+        "budget": {"daily_limit": "1.00"}, "permissions": {"restrict_to": ["models.small"]}});
+    let (status, _) = call(
+        &h,
+        reqwest::Method::POST,
+        "/v1/agents",
+        CASE_LEAD_KEY,
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(h.terminate(), Some(0));
+
+    let key = h.database().with_file_name("ledger-signing.key");
+    std::fs::write(&key, format!("{}\n", "11".repeat(32))).unwrap();
+    let config = h.policy_path().with_file_name("warden.toml");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("WARDEN_E2E_MOCK_KEY", "unused")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ledger's entries are now signed by key"),
+        "{stderr}"
+    );
+}
