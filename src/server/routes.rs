@@ -162,21 +162,31 @@ async fn usage(
     .into_response())
 }
 
+/// The usage query's start, in unix milliseconds: `since`, or 24 hours ago.
 fn parse_since(since: Option<&str>) -> Result<i64, ApiError> {
-    let now = SystemTime::now();
     let instant = match since {
-        None => now - Duration::from_secs(24 * 3600),
-        Some(text) => match text.parse::<u64>() {
-            Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
-            Err(_) => humantime::parse_rfc3339_weak(text).map_err(|e| ApiError::InvalidField {
-                field: "since",
-                reason: format!("{e}: use unix seconds or RFC 3339, e.g. 2026-12-01T00:00:00Z"),
-            })?,
-        },
+        Some(text) => parse_time("since", text)?,
+        None => SystemTime::now() - Duration::from_secs(24 * 3600),
     };
     Ok(instant
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64))
+}
+
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+
+/// A time given as unix seconds or RFC 3339, up to the end of year 9999.
+fn parse_time(field: &'static str, text: &str) -> Result<SystemTime, ApiError> {
+    let invalid = |why: String| ApiError::InvalidField {
+        field,
+        reason: format!("{why}: use unix seconds or RFC 3339, e.g. 2026-12-01T00:00:00Z"),
+    };
+    match text.parse::<u64>() {
+        Ok(secs) if secs <= LAST_RFC3339_SECOND => Ok(UNIX_EPOCH + Duration::from_secs(secs)),
+        Ok(_) => Err(invalid("after the year 9999".into())),
+        Err(_) => humantime::parse_rfc3339_weak(text).map_err(|e| invalid(e.to_string())),
+    }
 }
 
 /// `GET /metrics`: Prometheus text exposition.
@@ -263,17 +273,11 @@ async fn ledger_entries(
 /// A time bound of a ledger query (unix seconds or RFC 3339), written as entries write
 /// their time, so that the two compare as strings.
 fn ledger_time(field: &'static str, text: Option<&str>) -> Result<Option<String>, ApiError> {
-    let Some(text) = text else {
-        return Ok(None);
-    };
-    let instant = match text.parse::<u64>() {
-        Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
-        Err(_) => humantime::parse_rfc3339_weak(text).map_err(|e| ApiError::InvalidField {
-            field,
-            reason: format!("{e}: use unix seconds or RFC 3339, e.g. 2026-12-01T00:00:00Z"),
-        })?,
-    };
-    Ok(Some(humantime::format_rfc3339_millis(instant).to_string()))
+    text.map(|text| {
+        let instant = parse_time(field, text)?;
+        Ok(humantime::format_rfc3339_millis(instant).to_string())
+    })
+    .transpose()
 }
 
 /// `POST /v1/ledger/rotate-key` (operator): a new ledger key, announced by an entry

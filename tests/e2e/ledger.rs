@@ -201,15 +201,19 @@ async fn ledger_query_filters_and_pages() {
         "2100 has no entries yet"
     );
 
-    let (status, error) = call(
-        &h,
-        reqwest::Method::GET,
-        "/v1/ledger?since=yesterday",
-        OPERATOR_KEY,
-        None,
-    )
-    .await;
-    assert_eq!((status, error_of(&error).1), (400, "invalid_value"));
+    for bad in [
+        "since=yesterday",
+        "until=253402300800",
+        "since=99999999999999999999",
+    ] {
+        let path = format!("/v1/ledger?{bad}");
+        let (status, error) = call(&h, reqwest::Method::GET, &path, OPERATOR_KEY, None).await;
+        assert_eq!(
+            (status, error_of(&error).1),
+            (400, "invalid_value"),
+            "{bad}"
+        );
+    }
     let (status, _) = call(&h, reqwest::Method::GET, "/v1/ledger", CASE_LEAD_KEY, None).await;
     assert_eq!(status, 403, "operator only");
 }
