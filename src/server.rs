@@ -230,8 +230,15 @@ impl Server {
             .map_err(StartError::Thread)?;
         signals.block_on(async {
             for config in self.sinks {
-                let lag = self.app.metrics.sink_lag.with_label_values(&[&config.name]);
-                let sink = crate::sinks::Sink::new(config, self.app.store.clone(), lag);
+                let metrics = crate::sinks::SinkMetrics {
+                    lag: self.app.metrics.sink_lag.with_label_values(&[&config.name]),
+                    dropped: self
+                        .app
+                        .metrics
+                        .sink_dropped
+                        .with_label_values(&[&config.name]),
+                };
+                let sink = crate::sinks::Sink::new(config, self.app.store.clone(), metrics);
                 tokio::spawn(sink.run());
             }
             tokio::select! {

@@ -3,11 +3,12 @@
 //!
 //! The ledger is the outbox. Each sink has a durable cursor (the last sequence number
 //! it acknowledged); a delivery task reads the entries after it, sends them in order,
-//! and moves the cursor only when the receiver acknowledged them (a 2xx, and for
-//! Elastic `_bulk` every item of the answer; or the file written and synced). A sink that is down is retried with exponential backoff and
-//! jitter, and picks up where its cursor stopped, also after a crash: delivery is
-//! at least once, and every event carries a stable id receivers can drop duplicates by.
-//! The ledger is never pruned, so nothing above any cursor can disappear.
+//! and moves the cursor only when the receiver acknowledged them (a 2xx, with every
+//! item of an Elastic `_bulk` answer read, see [`bulk_outcome`]; or the file written
+//! and synced). A sink that is down is retried with exponential backoff and jitter,
+//! and picks up where its cursor stopped, also after a crash: delivery is at least
+//! once, and every event carries a stable id receivers can drop duplicates by. The
+//! ledger is never pruned, so nothing above any cursor can disappear.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -145,6 +146,8 @@ pub enum SinkError {
         sent: usize,
         first: String,
     },
+    #[error("receiver's answer unreadable: {0}")]
+    Answer(String),
     #[error("receiver unreachable: {0}")]
     Unreachable(String),
     #[error("file: {0}")]
@@ -161,11 +164,19 @@ pub struct Sink {
     /// The ledger's identity, part of every event id: the start of its first entry's
     /// hash, which no key rotation or restart changes.
     ledger_id: std::sync::OnceLock<String>,
-    lag: prometheus::IntGauge,
+    metrics: SinkMetrics,
+}
+
+/// One sink's metrics.
+pub struct SinkMetrics {
+    /// Ledger entries not acknowledged yet.
+    pub lag: prometheus::IntGauge,
+    /// Entries the receiver refused for good, skipped (see [`bulk_outcome`]).
+    pub dropped: prometheus::IntCounter,
 }
 
 impl Sink {
-    pub fn new(config: SinkConfig, store: Store, lag: prometheus::IntGauge) -> Sink {
+    pub fn new(config: SinkConfig, store: Store, metrics: SinkMetrics) -> Sink {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);
@@ -180,7 +191,7 @@ impl Sink {
             store,
             http: Client::builder(TokioExecutor::new()).build(https),
             ledger_id: std::sync::OnceLock::new(),
-            lag,
+            metrics,
         }
     }
 
@@ -207,7 +218,7 @@ impl Sink {
     /// Sends the next batch; returns how many entries were delivered.
     async fn deliver_next(self: &Arc<Self>) -> Result<usize, SinkError> {
         let (cursor, entries, last) = self.pending().await?;
-        self.lag.set(last.saturating_sub(cursor) as i64);
+        self.metrics.lag.set(last.saturating_sub(cursor) as i64);
         let Some(newest) = entries.last().map(|e| e.seq) else {
             return Ok(0);
         };
@@ -245,7 +256,7 @@ impl Sink {
         }
 
         self.advance(newest).await?;
-        self.lag.set(last.saturating_sub(newest) as i64);
+        self.metrics.lag.set(last.saturating_sub(newest) as i64);
         Ok(entries.len())
     }
 
@@ -358,43 +369,65 @@ impl Sink {
                     .map_err(|_| SinkError::Unreachable("answer not read within 30 s".into()))?
                     .map_err(|e| SinkError::Unreachable(e.to_string()))?
                     .to_bytes();
-            bulk_outcome(&answer, events.len())?;
+            for refusal in bulk_outcome(&answer, events.len())? {
+                tracing::error!(
+                    sink = %self.config.name, event.id = %refusal.id, reason = %refusal.reason,
+                    "receiver refused the event for good; skipped (it stays in the ledger)"
+                );
+                self.metrics.dropped.inc();
+            }
         }
         Ok(())
     }
 }
 
-/// Whether an Elastic `_bulk` answer acknowledges all `sent` events: with `errors`
-/// set, the items whose status is not 2xx are refused and the batch is sent again
-/// (the event ids make the repeats overwrite, not duplicate).
-pub fn bulk_outcome(answer: &[u8], sent: usize) -> Result<(), SinkError> {
+/// An event a receiver refused, by its id.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub id: String,
+    pub status: u64,
+    pub reason: String,
+}
+
+/// What an Elastic `_bulk` answer (200 even when items fail) says about a batch of
+/// `sent` events. Each item has its own status: 2xx is stored, 409 is a duplicate of
+/// an event stored before. An item refused with 400 (a mapping or parsing error) would
+/// be refused again however often it came, so the batch counts as delivered and those
+/// refusals are returned, to be logged and skipped. Any other refusal (429 or 5xx from
+/// a busy cluster, a missing index or a permission an operator can fix) sends the
+/// whole batch again; the event ids make repeats overwrite, not duplicate.
+pub fn bulk_outcome(answer: &[u8], sent: usize) -> Result<Vec<Refusal>, SinkError> {
     let answer: Value = serde_json::from_slice(answer)
-        .map_err(|e| SinkError::Unreachable(format!("unreadable _bulk answer: {e}")))?;
+        .map_err(|e| SinkError::Answer(format!("not a _bulk answer: {e}")))?;
     if answer["errors"] != Value::Bool(true) {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let refused: Vec<&Value> = answer["items"]
+    let (permanent, passing): (Vec<Refusal>, Vec<Refusal>) = answer["items"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|item| item.as_object()?.values().next())
-        .filter(|result| !(200..300).contains(&result["status"].as_u64().unwrap_or(0)))
-        .collect();
-    let first = refused.first().map_or_else(
-        || "no item named".to_owned(),
-        |r| {
-            format!(
-                "{} {}",
-                r["status"],
-                r["error"]["type"].as_str().unwrap_or("error")
-            )
-        },
-    );
-    Err(SinkError::Refused {
-        refused: refused.len().max(1),
-        sent,
-        first,
-    })
+        .map(|result| Refusal {
+            id: result["_id"].as_str().unwrap_or("-").to_owned(),
+            status: result["status"].as_u64().unwrap_or(0),
+            reason: result["error"]["type"]
+                .as_str()
+                .unwrap_or("error")
+                .to_owned(),
+        })
+        .filter(|r| !(200..300).contains(&r.status) && r.status != 409)
+        .partition(|r| r.status == 400);
+    match passing.first() {
+        Some(first) => Err(SinkError::Refused {
+            refused: passing.len(),
+            sent,
+            first: format!("{} {} ({})", first.status, first.reason, first.id),
+        }),
+        None if permanent.is_empty() => {
+            Err(SinkError::Answer("errors set, but no item refused".into()))
+        }
+        None => Ok(permanent),
+    }
 }
 
 fn content_type(format: WebhookFormat) -> &'static str {

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub control_queue: IntGauge,
     /// Ledger entries not yet acknowledged by each SIEM sink.
     pub sink_lag: prometheus::IntGaugeVec,
+    /// Ledger entries each SIEM sink's receiver refused for good.
+    pub sink_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -105,6 +107,15 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
 
+        let sink_dropped = IntCounterVec::new(
+            Opts::new(
+                "warden_sink_dropped_entries_total",
+                "Ledger entries a SIEM receiver refused for good (logged and skipped).",
+            ),
+            &["sink"],
+        )
+        .expect("static metric definition is valid");
+
         let metrics = Metrics {
             registry,
             requests,
@@ -117,13 +128,14 @@ impl Metrics {
             usage_backlog,
             control_queue,
             sink_lag,
+            sink_dropped,
         };
         metrics.register();
         metrics
     }
 
     fn register(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(self.requests.clone()),
             Box::new(self.tokens.clone()),
             Box::new(self.spend.clone()),
@@ -134,6 +146,7 @@ impl Metrics {
             Box::new(self.usage_backlog.clone()),
             Box::new(self.control_queue.clone()),
             Box::new(self.sink_lag.clone()),
+            Box::new(self.sink_dropped.clone()),
         ];
         for collector in collectors {
             self.registry
