@@ -64,8 +64,8 @@ pub struct Signer {
 impl Signer {
     /// Loads the signing key of a ledger whose next entry must be signed by the key
     /// `expected` (none for an empty ledger), settling a rotation a crash interrupted
-    /// first (see [`Signer::resume_rotation`]). Refuses a key the ledger does not
-    /// expect: every entry it signed would fail verification.
+    /// first. Refuses a key the ledger does not expect: every entry it signed would
+    /// fail verification.
     pub fn load_for(data_dir: &Path, expected: Option<&str>) -> Result<Signer, KeyError> {
         Signer::resume_rotation(data_dir, expected)?;
         let signer = Signer::load_or_create(data_dir)?;

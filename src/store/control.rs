@@ -200,7 +200,7 @@ impl ControlStore {
     /// The new key is staged on disk first and put in force only after the entry is
     /// committed: a crash before the commit leaves the old key (the staged one is
     /// discarded on the next start), one after it is finished on the next start (see
-    /// [`Signer::resume_rotation`]), so no entry is ever signed by a key the ledger has
+    /// [`Signer::load_for`]), so no entry is ever signed by a key the ledger has
     /// not announced.
     pub fn rotate_key(
         &self,
