@@ -369,10 +369,9 @@ fn terms(request: &SpawnRequest, parent: &Agent, registry: &Registry) -> Result<
     })
 }
 
-/// Checks that can change while a spawn waits for the lock: the parent still lives
-/// and still has a free child slot.
-/// The parent can take one more child: live, not quarantined, under its child limit
-/// counting the `pending` spawns under it.
+/// The checks that can change while a spawn waits for the lock: the parent can take
+/// one more child (live, not quarantined, under its child limit counting the
+/// `pending` spawns under it).
 fn check_parent(parent: &Agent, registry: &Registry, pending: usize) -> Result<(), ApiError> {
     if !parent.is_live() {
         return Err(ApiError::ParentUnavailable {
