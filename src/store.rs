@@ -130,9 +130,12 @@ impl Store {
 
     fn connect(&self) -> Result<Connection, StoreError> {
         let conn = Connection::open(&self.path)?;
-        // WAL lets readers run beside the writer; NORMAL syncs at checkpoints, which
-        // is enough for usage records (a power cut may lose the last moments, a
-        // process crash loses nothing that was committed).
+        // WAL lets readers run beside the writer; NORMAL syncs at checkpoints. The
+        // control store's writer raises its own connection to FULL.
+        //
+        // Limitation: usage records are committed without an fsync, so a power cut
+        // (not a killed process) can lose the last moments of them. Budgets are safe:
+        // spending is covered by the control store's fsynced leases.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(Duration::from_secs(5))?;
