@@ -343,6 +343,28 @@ mod tests {
         assert!(err.contains("no-such-model"), "{err}");
     }
 
+    /// A misspelt key in a sink is refused, named, with the keys that sink knows.
+    #[test]
+    fn refuses_unknown_sink_keys() {
+        let sink = |extra: &str| {
+            format!(
+                "{DEFAULT_CONFIG}\n[[sinks]]\nname = \"siem\"\nkind = \"webhook\"\n\
+                 url = \"http://127.0.0.1:9/\"\n{extra}\n"
+            )
+        };
+        let config = Config::parse(&sink("token_env = \"T\"\nbatch = 5"), "test", None).unwrap();
+        assert_eq!(config.sinks[0].batch, 5);
+
+        let err = Config::parse(&sink("token_evn = \"T\""), "test", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown key `token_evn` for a `webhook` sink"),
+            "{err}"
+        );
+        assert!(err.contains("token_env"), "{err}");
+    }
+
     #[test]
     fn refuses_short_key_hash() {
         let text = format!(

@@ -28,18 +28,71 @@ use crate::ledger::{ExportLine, StoredEntry};
 use crate::store::control::{LedgerQuery, query_ledger};
 use crate::store::{Store, StoreError};
 
-/// A sink as configured in `[[sinks]]`.
-///
-/// Limitation: unknown keys in a `[[sinks]]` table are ignored rather than refused,
-/// because serde cannot refuse them in a table that flattens the sink's kind.
+/// A sink as configured in `[[sinks]]`. A key the sink's kind does not know is
+/// refused (a misspelt `token_env` would otherwise send events without the token).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "toml::Table")]
 pub struct SinkConfig {
     pub name: String,
-    #[serde(flatten)]
     pub kind: SinkKind,
     /// Most entries per delivery.
-    #[serde(default = "default_batch")]
     pub batch: usize,
+}
+
+/// The table as serde reads it; `kind` is flattened, which rules out serde's own
+/// refusal of unknown keys, so [`SinkConfig`] checks them first.
+#[derive(Deserialize)]
+struct SinkTable {
+    name: String,
+    #[serde(flatten)]
+    kind: SinkKind,
+    #[serde(default = "default_batch")]
+    batch: usize,
+}
+
+impl TryFrom<toml::Table> for SinkConfig {
+    type Error = String;
+
+    fn try_from(table: toml::Table) -> Result<SinkConfig, String> {
+        let kind = table
+            .get("kind")
+            .and_then(toml::Value::as_str)
+            .unwrap_or("");
+        let keys: &[&str] = match kind {
+            "webhook" => &["url", "format", "token_env", "index"],
+            "file" => &["path", "max_bytes"],
+            "syslog" => &["address", "tls", "server_name"],
+            _ => &[],
+        };
+        let common = ["name", "kind", "batch"];
+        if let Some(unknown) = table
+            .keys()
+            .find(|key| !common.contains(&key.as_str()) && !keys.contains(&key.as_str()))
+        {
+            let name = table
+                .get("name")
+                .and_then(toml::Value::as_str)
+                .unwrap_or("?");
+            return Err(format!(
+                "sink {name}: unknown key `{unknown}` for a `{kind}` sink (known: {})",
+                common
+                    .iter()
+                    .chain(keys)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+
+        let sink: SinkTable = table
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
+        Ok(SinkConfig {
+            name: sink.name,
+            kind: sink.kind,
+            batch: sink.batch,
+        })
+    }
 }
 
 fn default_batch() -> usize {
