@@ -244,8 +244,13 @@ impl Registry {
         budgets: &Budgets,
         store: &ControlStore,
     ) -> Result<(), RestoreError> {
-        let stored = store.lead_key(&lead.spiffe_id)?;
-        let key = stored.unwrap_or_else(|| self.next_key());
+        let stored = store.lead(&lead.spiffe_id)?;
+        let key = stored.as_ref().map_or_else(|| self.next_key(), |(key, _)| *key);
+        // Policy makes a lead TRUSTED; only an operator's quarantine outlasts a restart.
+        let trust = match stored.as_ref().and_then(|(_, t)| TrustLevel::parse(t)) {
+            Some(TrustLevel::Quarantined) => TrustLevel::Quarantined,
+            _ => TrustLevel::Trusted,
+        };
         budgets.add_root(key, lead.daily_limit);
         let name = lead.spiffe_id.rsplit('/').next().unwrap_or(&lead.spiffe_id);
         let agent = Agent {
@@ -263,7 +268,7 @@ impl Registry {
             created_at: SystemTime::now(),
             expires_at: None,
             key_hash: crate::identity::parse_hash(&lead.key_sha256)?,
-            trust: AtomicU8::new(TrustLevel::Trusted as u8),
+            trust: AtomicU8::new(trust as u8),
             ended: Mutex::new(None),
         };
         if stored.is_none() {

@@ -289,17 +289,17 @@ impl ControlStore {
         Ok(Snapshot { agents, leases })
     }
 
-    /// The key a lead had in a previous run, if it had one.
-    pub fn lead_key(&self, spiffe_id: &str) -> Result<Option<AgentKey>, StoreError> {
-        let key = self
+    /// A lead as a previous run stored it: its key in the registry and its trust.
+    pub fn lead(&self, spiffe_id: &str) -> Result<Option<(AgentKey, String)>, StoreError> {
+        let lead = self
             .reader()
             .query_row(
-                "SELECT key FROM agents WHERE spiffe_id = ?1 AND parent IS NULL",
+                "SELECT key, trust FROM agents WHERE spiffe_id = ?1 AND parent IS NULL",
                 [spiffe_id],
-                |row| row.get::<_, i64>(0),
+                |row| Ok((row.get::<_, i64>(0)? as AgentKey, row.get(1)?)),
             )
             .optional()?;
-        Ok(key.map(|k| k as AgentKey))
+        Ok(lead)
     }
 
     /// Stores a new agent (or a lead seen for the first time) with its decision, if any,

@@ -622,3 +622,48 @@ async fn spawns_racing_a_termination_leave_no_orphan() {
     }
     assert_eq!(lead_budget(&h).await["available"], "2200");
 }
+
+/// A quarantined lead stays quarantined across a restart: its key is still refused and
+/// it can spawn nothing.
+#[tokio::test]
+async fn a_quarantined_lead_stays_quarantined_after_a_restart() {
+    let mut h = Harness::start().await;
+    let path = "/v1/agents/lead-quarterly-orchestrator/quarantine";
+    let (status, view) = call(
+        &h,
+        reqwest::Method::POST,
+        path,
+        OPERATOR_KEY,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{view}");
+
+    h.crash();
+    h.restart();
+    let (status, view) = call(
+        &h,
+        reqwest::Method::GET,
+        "/v1/agents/lead-quarterly-orchestrator",
+        OPERATOR_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &view["trust"]["level"]),
+        (200, &json!("QUARANTINED")),
+        "{view}"
+    );
+    let body = spawn_body(
+        "lead-quarterly-orchestrator",
+        "late",
+        "1.00",
+        &["models.small"],
+        "1h",
+    );
+    assert_eq!(
+        spawn(&h, CASE_LEAD_KEY, body).await.0,
+        401,
+        "its key stays revoked"
+    );
+}
