@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 
 use crate::budget::{AgentKey, Amount, Budgets};
+use crate::identity::KeyHash;
 use crate::policy::{Delegation, Manifest, Policy};
 use crate::store::StoreError;
 use crate::store::control::{AgentRow, ControlStore};
@@ -110,7 +111,8 @@ pub struct Agent {
     /// When the agent ends by itself, if it does.
     pub expires_at: Option<SystemTime>,
     /// SHA-256 of the agent's bearer key.
-    pub key_hash: [u8; 32],
+    /// The SHA-256 of its bearer key; a lead's changes when policy gives it a new key.
+    key_hash: Mutex<KeyHash>,
     trust: AtomicU8,
     ended: Mutex<Option<(SystemTime, EndReason)>>,
 }
@@ -146,11 +148,23 @@ impl Agent {
             promote_after: self.promote_after,
             created_ms: crate::server::unix_ms(self.created_at),
             expires_ms: self.expires_at.map(crate::server::unix_ms),
-            key_hash: hex::encode(self.key_hash),
+            key_hash: hex::encode(self.key_hash()),
             ended_ms: self.ended().map(|(at, _)| crate::server::unix_ms(at)),
             end_reason: self.ended().map(|(_, r)| r.as_str().to_owned()),
             trust: self.trust().as_str().to_owned(),
         }
+    }
+
+    pub fn key_hash(&self) -> KeyHash {
+        *self.key_hash.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives the agent a new key hash; returns the old one.
+    pub(crate) fn set_key_hash(&self, hash: KeyHash) -> KeyHash {
+        std::mem::replace(
+            &mut self.key_hash.lock().unwrap_or_else(|p| p.into_inner()),
+            hash,
+        )
     }
 
     pub fn trust(&self) -> TrustLevel {
@@ -245,9 +259,9 @@ impl Registry {
         store: &ControlStore,
     ) -> Result<(), RestoreError> {
         let stored = store.lead(&lead.spiffe_id)?;
-        let key = stored.as_ref().map_or_else(|| self.next_key(), |(key, _)| *key);
+        let key = stored.as_ref().map_or_else(|| self.next_key(), |s| s.key);
         // Policy makes a lead TRUSTED; only an operator's quarantine outlasts a restart.
-        let trust = match stored.as_ref().and_then(|(_, t)| TrustLevel::parse(t)) {
+        let trust = match stored.as_ref().and_then(|s| TrustLevel::parse(&s.trust)) {
             Some(TrustLevel::Quarantined) => TrustLevel::Quarantined,
             _ => TrustLevel::Trusted,
         };
@@ -267,7 +281,7 @@ impl Registry {
             promote_after: 0,
             created_at: SystemTime::now(),
             expires_at: None,
-            key_hash: crate::identity::parse_hash(&lead.key_sha256)?,
+            key_hash: Mutex::new(crate::identity::parse_hash(&lead.key_sha256)?),
             trust: AtomicU8::new(trust as u8),
             ended: Mutex::new(None),
         };
@@ -311,7 +325,7 @@ impl Registry {
             promote_after: row.promote_after,
             created_at: from_ms(row.created_ms),
             expires_at: row.expires_ms.map(from_ms),
-            key_hash,
+            key_hash: Mutex::new(key_hash),
             trust: AtomicU8::new(TrustLevel::parse(&row.trust).unwrap_or(TrustLevel::Watched) as u8),
             ended: Mutex::new(
                 row.ended_ms
@@ -433,22 +447,22 @@ impl Registry {
     /// Puts a reloaded policy in force: leads' limits, scopes and delegation rules
     /// change, new leads appear, and every live agent's manifest is recomputed from the
     /// new catalogue, parents first, each child narrowed to what its parent now holds.
-    /// Refused, with nothing changed, if a lead would disappear or change its key.
-    ///
-    /// Limitation: a lead's key cannot be rotated by a reload; rotating it needs a
-    /// restart with the new `key_sha256`.
+    /// Refused, with nothing changed, if a lead would disappear. Returns the leads the
+    /// policy gives a new key, with its hash: the caller stores and records each change
+    /// before putting it in force (see [`crate::identity::Identities::rekey`]).
     pub fn apply_policy(
         &self,
         policy: &Policy,
         budgets: &Budgets,
         identities: &crate::identity::Identities,
         store: &ControlStore,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<(Arc<Agent>, KeyHash)>, String> {
         let leads: Vec<_> = self
             .all()
             .into_iter()
             .filter(|a| a.parent.is_none())
             .collect();
+        let mut rekeyed = Vec::new();
         for lead in &leads {
             let Some(new) = policy
                 .leads
@@ -460,11 +474,9 @@ impl Registry {
                     lead.spiffe_id
                 ));
             };
-            if hex::encode(lead.key_hash) != new.key_sha256.to_ascii_lowercase() {
-                return Err(format!(
-                    "lead {} changes its key; a key change needs a restart",
-                    lead.spiffe_id
-                ));
+            let hash = crate::identity::parse_hash(&new.key_sha256).map_err(|e| e.to_string())?;
+            if hash != lead.key_hash() {
+                rekeyed.push((Arc::clone(lead), hash));
             }
         }
 
@@ -500,7 +512,24 @@ impl Registry {
             };
             agent.set_manifest(policy.catalogue.manifest(&scopes));
         }
-        Ok(())
+        Ok(rekeyed)
+    }
+
+    /// Leads whose key the policy changed while Warden was down, with the key hash
+    /// stored before: the change is to be stored and recorded.
+    pub fn leads_rekeyed_offline(
+        &self,
+        store: &ControlStore,
+    ) -> Result<Vec<(Arc<Agent>, KeyHash)>, StoreError> {
+        let mut rekeyed = Vec::new();
+        for lead in self.all().into_iter().filter(|a| a.parent.is_none()) {
+            let stored = store.lead(&lead.spiffe_id)?;
+            let old = stored.and_then(|s| crate::identity::parse_hash(&s.key_hash).ok());
+            if let Some(old) = old.filter(|old| *old != lead.key_hash()) {
+                rekeyed.push((lead, old));
+            }
+        }
+        Ok(rekeyed)
     }
 
     /// Live agents whose lifetime has run out at `now`.

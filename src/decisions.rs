@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use serde_json::json;
 
 use crate::agents::Agent;
+use crate::identity::KeyHash;
 use crate::store::StoreError;
 use crate::store::control::{AgentRow, ControlStore, DecisionRow};
 
@@ -108,6 +109,29 @@ impl Decision {
         }
     }
 
+    /// An agent's key was replaced (a lead's, by policy): the old key is refused from
+    /// now on. Keys are named by the start of their SHA-256, never shown.
+    pub fn key_change(
+        actor: &str,
+        agent: &Agent,
+        old: &KeyHash,
+        new: &KeyHash,
+        reason: &str,
+    ) -> Decision {
+        Decision {
+            kind: "key_change",
+            actor: actor.to_owned(),
+            subject: agent.spiffe_id.to_string(),
+            details: json!({
+                "agent_id": agent.id,
+                "old_key_sha256_prefix": hex::encode(&old[..8]),
+                "new_key_sha256_prefix": hex::encode(&new[..8]),
+                "reason": reason,
+            }),
+            at: SystemTime::now(),
+        }
+    }
+
     /// A new policy was put in force.
     pub fn policy_reload(actor: &str, source: &str, leads: usize) -> Decision {
         Decision {
@@ -169,6 +193,20 @@ impl DecisionLog {
         let seq = self
             .store
             .set_trust(agent.key, agent.trust().as_str(), &decision.row())?;
+        Ok(evidence_id(seq))
+    }
+
+    /// Stores an agent's new key hash with the decision that changed it, together.
+    /// Blocking.
+    pub fn key_changed(
+        &self,
+        agent: &Agent,
+        new: &KeyHash,
+        decision: &Decision,
+    ) -> Result<String, StoreError> {
+        let seq = self
+            .store
+            .set_key_hash(agent.key, &hex::encode(new), &decision.row())?;
         Ok(evidence_id(seq))
     }
 

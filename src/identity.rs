@@ -24,7 +24,7 @@ pub enum Caller {
     Operator,
 }
 
-type KeyHash = [u8; 32];
+pub type KeyHash = [u8; 32];
 
 /// The table of known credentials.
 pub struct Identities {
@@ -48,12 +48,21 @@ impl Identities {
 
     /// Lets `agent` authenticate with its key.
     pub fn insert(&self, agent: Arc<Agent>) {
-        self.agents.insert(agent.key_hash, agent);
+        self.agents.insert(agent.key_hash(), agent);
     }
 
     /// Revokes `agent`'s key: its next request, on any connection, is refused.
     pub fn revoke(&self, agent: &Agent) {
-        self.agents.remove(&agent.key_hash);
+        self.agents.remove(&agent.key_hash());
+    }
+
+    /// Gives `agent` a new key: the old one is refused from now on, and the new one
+    /// works if the agent could authenticate before.
+    pub fn rekey(&self, agent: &Arc<Agent>, hash: KeyHash) {
+        let old = agent.set_key_hash(hash);
+        if self.agents.remove(&old).is_some() {
+            self.agents.insert(hash, Arc::clone(agent));
+        }
     }
 
     /// The caller behind a request's `Authorization: Bearer` key.

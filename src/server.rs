@@ -39,7 +39,7 @@ use tokio::task::JoinSet;
 use crate::agents::Registry;
 use crate::budget::{Budgets, SystemClock};
 use crate::config::{Config, ConfigError};
-use crate::decisions::DecisionLog;
+use crate::decisions::{Decision, DecisionLog};
 use crate::identity::Identities;
 use crate::ledger::{KeyError, Signer};
 use crate::policy::Policy;
@@ -164,6 +164,11 @@ impl Server {
         let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
         let registry = Registry::restore(&config.policy, &budgets, &control)?;
         let decisions = DecisionLog::new(control.clone());
+        for (lead, old) in registry.leads_rekeyed_offline(&control)? {
+            let new = lead.key_hash();
+            let decision = Decision::key_change("warden", &lead, &old, &new, "policy at start");
+            decisions.key_changed(&lead, &new, &decision)?;
+        }
         let orphans = registry.end_orphans(&budgets);
         if !orphans.is_empty() {
             tracing::warn!(

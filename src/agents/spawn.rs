@@ -234,7 +234,7 @@ fn reserve(
         promote_after: terms.promote_after,
         created_at: now,
         expires_at: Some(expiry(now, terms.lifetime, parent)),
-        key_hash: Sha256::digest(api_key.as_bytes()).into(),
+        key_hash: Mutex::new(Sha256::digest(api_key.as_bytes()).into()),
         trust: AtomicU8::new(TrustLevel::Watched as u8),
         ended: Mutex::new(None),
     };

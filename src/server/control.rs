@@ -522,7 +522,7 @@ pub async fn reload_policy(app: &Arc<App>, actor: &str) -> Result<String, ApiErr
         let served = |model: &str| worker.routes.get(model).is_some();
         let policy = Policy::load(worker.policy_path.as_deref(), served)
             .map_err(|e| ApiError::InvalidPolicy(e.to_string()))?;
-        worker
+        let rekeyed = worker
             .registry
             .apply_policy(
                 &policy,
@@ -531,6 +531,16 @@ pub async fn reload_policy(app: &Arc<App>, actor: &str) -> Result<String, ApiErr
                 &worker.control,
             )
             .map_err(ApiError::InvalidPolicy)?;
+        for (lead, hash) in rekeyed {
+            let decision =
+                Decision::key_change(&actor, &lead, &lead.key_hash(), &hash, "policy reload");
+            worker
+                .decisions
+                .key_changed(&lead, &hash, &decision)
+                .map_err(|e| ApiError::Internal(format!("lead key change not stored: {e}")))?;
+            worker.identities.rekey(&lead, hash);
+            tracing::info!(agent.id = %lead.spiffe_id, "lead key changed by policy");
+        }
 
         let source = worker.policy_path.as_ref().map_or_else(
             || "embedded policy.toml".to_owned(),

@@ -101,6 +101,14 @@ pub struct DecisionRow {
     pub details: serde_json::Value,
 }
 
+/// A lead as stored: its key in the registry, its trust and its key hash (hex).
+#[derive(Debug, Clone)]
+pub struct StoredLead {
+    pub key: AgentKey,
+    pub trust: String,
+    pub key_hash: String,
+}
+
 /// What survived the last run.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -289,14 +297,20 @@ impl ControlStore {
         Ok(Snapshot { agents, leases })
     }
 
-    /// A lead as a previous run stored it: its key in the registry and its trust.
-    pub fn lead(&self, spiffe_id: &str) -> Result<Option<(AgentKey, String)>, StoreError> {
+    /// A lead as a previous run stored it.
+    pub fn lead(&self, spiffe_id: &str) -> Result<Option<StoredLead>, StoreError> {
         let lead = self
             .reader()
             .query_row(
-                "SELECT key, trust FROM agents WHERE spiffe_id = ?1 AND parent IS NULL",
+                "SELECT key, trust, key_hash FROM agents WHERE spiffe_id = ?1 AND parent IS NULL",
                 [spiffe_id],
-                |row| Ok((row.get::<_, i64>(0)? as AgentKey, row.get(1)?)),
+                |row| {
+                    Ok(StoredLead {
+                        key: row.get::<_, i64>(0)? as AgentKey,
+                        trust: row.get(1)?,
+                        key_hash: row.get(2)?,
+                    })
+                },
             )
             .optional()?;
         Ok(lead)
@@ -350,6 +364,23 @@ impl ControlStore {
             conn.execute(
                 "UPDATE agents SET trust = ?2 WHERE key = ?1",
                 params![key as i64, trust],
+            )?;
+            tail.append(conn, &decision)
+        })
+    }
+
+    /// Changes an agent's stored key hash with the decision that changed it.
+    pub fn set_key_hash(
+        &self,
+        key: AgentKey,
+        key_hash: &str,
+        decision: &DecisionRow,
+    ) -> Result<i64, StoreError> {
+        let (key_hash, decision) = (key_hash.to_owned(), decision.clone());
+        self.writer.write(move |conn, tail| {
+            conn.execute(
+                "UPDATE agents SET key_hash = ?2 WHERE key = ?1",
+                params![key as i64, key_hash],
             )?;
             tail.append(conn, &decision)
         })

@@ -241,7 +241,7 @@ fn temp_dir() -> PathBuf {
     dir
 }
 
-fn sha256(key: &str) -> String {
+pub fn sha256(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 

@@ -25,6 +25,17 @@ async fn spawn_child(h: &Harness, name: &str) -> u16 {
     response.status().as_u16()
 }
 
+/// The status of `GET /v1/models` with `key`.
+async fn models(h: &Harness, key: &str) -> u16 {
+    let response = reqwest::Client::new()
+        .get(h.url("/v1/models"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    response.status().as_u16()
+}
+
 async fn reload(h: &Harness) -> (u16, Value) {
     let response = reqwest::Client::new()
         .post(h.url("/v1/policy/reload"))
@@ -98,4 +109,60 @@ async fn reload_refuses_a_bad_policy_and_applies_a_good_one() {
             .unwrap()
             .starts_with("dec_")
     );
+}
+
+/// A lead's key is rotated by editing its `key_sha256` and reloading: the old key is
+/// refused at once, the new one works, the change is recorded (by key hash prefix,
+/// never the key), and it holds across a restart. A change made while Warden was down
+/// is recorded at the next start.
+#[tokio::test]
+async fn reload_rotates_a_leads_key() {
+    let mut h = Harness::start().await;
+    let new_key = "e2e-agent-key-rotated";
+    let policy = std::fs::read_to_string(h.policy_path()).unwrap();
+    let rotated = policy.replacen(&sha256(AGENT_KEY), &sha256(new_key), 1);
+    assert_ne!(rotated, policy);
+    std::fs::write(h.policy_path(), rotated).unwrap();
+    let (status, reloaded) = reload(&h).await;
+    assert_eq!(status, 200, "{reloaded}");
+
+    assert_eq!(
+        models(&h, AGENT_KEY).await,
+        401,
+        "the old key is refused at once"
+    );
+    assert_eq!(models(&h, new_key).await, 200);
+    let changes = h.decisions("key_change", Some(AGENT_ID));
+    assert_eq!(changes.len(), 1);
+    let details = &changes[0];
+    assert_eq!(details["new_key_sha256_prefix"], sha256(new_key)[..16]);
+    assert_eq!(details["old_key_sha256_prefix"], sha256(AGENT_KEY)[..16]);
+    assert!(!changes[0].to_string().contains(new_key));
+
+    h.crash();
+    h.restart();
+    assert_eq!(models(&h, AGENT_KEY).await, 401);
+    assert_eq!(models(&h, new_key).await, 200);
+    assert_eq!(
+        h.decisions("key_change", Some(AGENT_ID)).len(),
+        1,
+        "nothing new to record"
+    );
+
+    // Changed while Warden was down: recorded at the next start.
+    let third = "e2e-agent-key-third";
+    h.crash();
+    let policy = std::fs::read_to_string(h.policy_path()).unwrap();
+    std::fs::write(
+        h.policy_path(),
+        policy.replacen(&sha256(new_key), &sha256(third), 1),
+    )
+    .unwrap();
+    h.restart();
+    assert_eq!(models(&h, new_key).await, 401);
+    assert_eq!(models(&h, third).await, 200);
+    let changes = h.decisions("key_change", Some(AGENT_ID));
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[1]["reason"], "policy at start");
+    assert_eq!(changes[1]["new_key_sha256_prefix"], sha256(third)[..16]);
 }
