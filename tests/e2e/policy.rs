@@ -166,3 +166,49 @@ async fn reload_rotates_a_leads_key() {
     assert_eq!(changes[1]["reason"], "policy at start");
     assert_eq!(changes[1]["new_key_sha256_prefix"], sha256(third)[..16]);
 }
+
+/// With `unlisted_tools = "strip"`, a tool the agent's scopes do not grant is taken
+/// out of the request and the rest is forwarded: the provider receives only the
+/// granted tool.
+#[tokio::test]
+async fn strip_mode_forwards_only_granted_tools() {
+    let h = Harness::start().await;
+    let policy = std::fs::read_to_string(h.policy_path()).unwrap();
+    let strip = policy.replacen(
+        "trust_domain = \"e2e.test\"",
+        "trust_domain = \"e2e.test\"\nunlisted_tools = \"strip\"",
+        1,
+    );
+    std::fs::write(h.policy_path(), strip).unwrap();
+    assert_eq!(reload(&h).await.0, 200);
+
+    let tool =
+        |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {}}});
+    let body = json!({
+        "model": "mock-small",
+        "messages": [{"role": "user", "content": "quote please"}],
+        "tools": [tool("get_quote"), tool("transfer_funds")],
+        "mock": {"tag": "strip"}
+    });
+    let response = reqwest::Client::new()
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(CASE_LEAD_KEY)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let received = &h.mock.truth("strip").per_request[0].body;
+    let names: Vec<&str> = received["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["get_quote"]);
+    assert_eq!(
+        received["messages"], body["messages"],
+        "the rest is untouched"
+    );
+}
