@@ -137,8 +137,7 @@ fn bench_admission(c: &mut Criterion) {
     let budgets = Budgets::new(Arc::new(SystemClock));
     let data = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
     let store = Store::open(&data).unwrap();
-    let signer = warden::ledger::Signer::load_or_create(&data).unwrap();
-    let control = ControlStore::open(&store, signer).unwrap();
+    let control = ControlStore::open(&store, &data).unwrap();
     let registry = Registry::restore(&config.policy, &budgets, &control).unwrap();
     let identities = Identities::new(&config.operator.key_sha256, &registry).unwrap();
     let routes = Routes::new(&config, 1).unwrap();
@@ -191,13 +190,13 @@ fn bench_budget(c: &mut Criterion) {
 /// The evidence ledger: sealing one entry (canonical encoding, SHA-256, Ed25519), and
 /// appending one decision durably (a SQLite transaction in WAL mode).
 fn bench_ledger(c: &mut Criterion) {
-    use warden::ledger::{Entry, GENESIS, Signer};
+    use warden::ledger::{Entry, GENESIS};
     use warden::store::control::DecisionRow;
 
     let data = std::env::temp_dir().join(format!("warden-bench-ledger-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let store = Store::open(&data).unwrap();
-    let control = ControlStore::open(&store, Signer::load_or_create(&data).unwrap()).unwrap();
+    let control = ControlStore::open(&store, &data).unwrap();
     let details = serde_json::json!({"agent_id": "agt_0000000000000001", "parent": "spiffe://bench.local/agent/b/lead",
         "slice_usd": "50", "scopes": ["market_data.read", "models.standard"], "trust": "WATCHED"});
 

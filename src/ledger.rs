@@ -29,10 +29,10 @@ use sha2::{Digest, Sha256};
 /// The `prev` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-const SIGNING_KEY_FILE: &str = "ledger-signing.key";
-const PUBLIC_KEY_FILE: &str = "ledger-public.key";
+pub(crate) const SIGNING_KEY_FILE: &str = "ledger-signing.key";
+pub(crate) const PUBLIC_KEY_FILE: &str = "ledger-public.key";
 /// A rotation's new key before the ledger has recorded the rotation.
-const STAGED_KEY_FILE: &str = "ledger-signing.next.key";
+pub(crate) const STAGED_KEY_FILE: &str = "ledger-signing.next.key";
 
 /// Why the ledger key could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
@@ -63,44 +63,56 @@ pub struct Signer {
 
 impl Signer {
     /// Loads the signing key of a ledger whose next entry must be signed by the key
-    /// `expected` (none for an empty ledger), settling a rotation a crash interrupted
-    /// first. Refuses a key the ledger does not expect: every entry it signed would
-    /// fail verification.
+    /// `expected`, settling a rotation a crash interrupted first. An empty ledger
+    /// (`expected` none) gets a key created if there is none. Otherwise the key must be
+    /// the expected one, and nothing is written until it is: any other key would sign
+    /// entries nobody can verify.
     pub fn load_for(data_dir: &Path, expected: Option<&str>) -> Result<Signer, KeyError> {
+        let Some(expected) = expected else {
+            return Signer::load_or_create(data_dir);
+        };
         Signer::resume_rotation(data_dir, expected)?;
-        let signer = Signer::load_or_create(data_dir)?;
-        match expected {
-            Some(expected) if expected != signer.key_id() => Err(KeyError::NotTheLedgersKey {
-                path: data_dir.join(SIGNING_KEY_FILE),
-                found: signer.key_id(),
+
+        let path = data_dir.join(SIGNING_KEY_FILE);
+        let signer = read_key(&path)?;
+        let found = signer.as_ref().map(Signer::key_id);
+        match signer {
+            Some(signer) if signer.key_id() == expected => {
+                write_public(data_dir, PUBLIC_KEY_FILE, &signer)?;
+                Ok(signer)
+            }
+            _ => Err(KeyError::NotTheLedgersKey {
+                path,
+                found: found.unwrap_or_else(|| "none (the file is missing)".into()),
                 expected: expected.to_owned(),
             }),
-            _ => Ok(signer),
         }
     }
 
     /// Loads the signing key from `data_dir`, creating it (mode 0600) and writing the
-    /// public key beside it on first start.
+    /// public key beside it if there is none.
     pub fn load_or_create(data_dir: &Path) -> Result<Signer, KeyError> {
         let path = data_dir.join(SIGNING_KEY_FILE);
         let signer = match read_key(&path)? {
             Some(signer) => signer,
-            None => Signer {
-                key: SigningKey::from_bytes(&create_key(&path).map_err(|source| KeyError::Io {
+            None => {
+                let key = create_key(&path).map_err(|source| KeyError::Io {
                     path: path.clone(),
                     source,
-                })?),
-            },
-        };
-
-        let public = data_dir.join(PUBLIC_KEY_FILE);
-        std::fs::write(&public, format!("{}\n", signer.public_key_hex())).map_err(|source| {
-            KeyError::Io {
-                path: public,
-                source,
+                })?;
+                sync_dir(data_dir)?;
+                Signer {
+                    key: SigningKey::from_bytes(&key),
+                }
             }
-        })?;
+        };
+        write_public(data_dir, PUBLIC_KEY_FILE, &signer)?;
         Ok(signer)
+    }
+
+    /// The key a rotation staged, if one is staged.
+    pub fn staged(data_dir: &Path) -> Result<Option<Signer>, KeyError> {
+        read_key(&data_dir.join(STAGED_KEY_FILE))
     }
 
     /// A new key for a rotation, written to `ledger-signing.next.key` (mode 0600,
@@ -139,17 +151,14 @@ impl Signer {
             let id = old.key_id();
             let archived = data_dir.join(format!("ledger-signing.{id}.key"));
             std::fs::rename(&current, &archived).map_err(io(&current))?;
-            let old_public = data_dir.join(format!("ledger-public.{id}.key"));
-            std::fs::write(&old_public, format!("{}\n", old.public_key_hex()))
-                .map_err(io(&old_public))?;
+            write_public(data_dir, &format!("ledger-public.{id}.key"), &old)?;
         }
         let signer = read_key(&staged)?.ok_or_else(|| KeyError::Io {
             path: staged.clone(),
             source: std::io::ErrorKind::NotFound.into(),
         })?;
         std::fs::rename(&staged, &current).map_err(io(&staged))?;
-        let public = data_dir.join(PUBLIC_KEY_FILE);
-        std::fs::write(&public, format!("{}\n", signer.public_key_hex())).map_err(io(&public))?;
+        write_public(data_dir, PUBLIC_KEY_FILE, &signer)?;
         sync_dir(data_dir)?;
         Ok(signer)
     }
@@ -157,12 +166,12 @@ impl Signer {
     /// Settles a rotation a crash left staged, before the key is loaded: the staged key
     /// is put in force if the ledger announced it (`announced`: the key the ledger
     /// expects next), and discarded otherwise.
-    fn resume_rotation(data_dir: &Path, announced: Option<&str>) -> Result<(), KeyError> {
+    fn resume_rotation(data_dir: &Path, announced: &str) -> Result<(), KeyError> {
         let staged = data_dir.join(STAGED_KEY_FILE);
         let Some(key) = read_key(&staged)? else {
             return Ok(());
         };
-        if announced == Some(key.key_id().as_str()) {
+        if key.key_id() == announced {
             tracing::warn!(ledger.key_id = %key.key_id(), "finishing a ledger key rotation the ledger recorded");
             Signer::promote_staged(data_dir)?;
             return Ok(());
@@ -237,6 +246,19 @@ fn parse_key(text: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut key).ok()?;
     Some(key)
+}
+
+/// Writes `signer`'s public key to `name` in `dir`, synced.
+fn write_public(dir: &Path, name: &str, signer: &Signer) -> Result<(), KeyError> {
+    let path = dir.join(name);
+    let io = |source| KeyError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::File::create(&path).map_err(io)?;
+    file.write_all(format!("{}\n", signer.public_key_hex()).as_bytes())
+        .map_err(io)?;
+    file.sync_all().map_err(io)
 }
 
 /// Makes renames and new files in `dir` survive a power cut.

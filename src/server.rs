@@ -41,7 +41,6 @@ use crate::budget::{Budgets, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::decisions::{Decision, DecisionLog};
 use crate::identity::Identities;
-use crate::ledger::{KeyError, Signer};
 use crate::policy::Policy;
 use crate::proxy::Routes;
 use crate::store::control::ControlStore;
@@ -55,8 +54,6 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("ledger key: {0}")]
-    LedgerKey(#[from] KeyError),
     #[error("restoring agents: {0}")]
     Restore(#[from] crate::agents::RestoreError),
     #[error("upstream: {0}")]
@@ -158,9 +155,7 @@ impl Server {
             n => n,
         };
 
-        let next_key = crate::store::control::next_key_id(&store)?;
-        let signer = Signer::load_for(&config.server.data_dir, next_key.as_deref())?;
-        let control = Arc::new(ControlStore::open(&store, signer)?);
+        let control = Arc::new(ControlStore::open(&store, &config.server.data_dir)?);
         let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
         let registry = Registry::restore(&config.policy, &budgets, &control)?;
         let decisions = DecisionLog::new(control.clone());

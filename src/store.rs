@@ -69,7 +69,15 @@ pub enum StoreError {
     #[error("commit failed: {0}")]
     Commit(String),
     #[error("ledger key: {0}")]
-    Key(String),
+    Key(#[from] crate::ledger::KeyError),
+    #[error(
+        "key rotation recorded as entry {seq} and in use, but its key files are not \
+         switched (the next start or rotation finishes it): {source}"
+    )]
+    RotationUnfinished {
+        seq: i64,
+        source: crate::ledger::KeyError,
+    },
     #[error("cannot start the usage writer thread: {0}")]
     Spawn(std::io::Error),
 }

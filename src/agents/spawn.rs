@@ -591,7 +591,6 @@ fn random_u64() -> u64 {
 mod tests {
     use super::*;
     use crate::budget::SystemClock;
-    use crate::ledger::Signer;
     use crate::store::Store;
     use crate::store::control::ControlStore;
 
@@ -618,8 +617,7 @@ mod tests {
     impl World {
         fn open(dir: &std::path::Path) -> World {
             let store = Store::open(dir).unwrap();
-            let signer = Signer::load_or_create(dir).unwrap();
-            let control = Arc::new(ControlStore::open(&store, signer).unwrap());
+            let control = Arc::new(ControlStore::open(&store, dir).unwrap());
             let policy = Policy::load(None, |_| true).unwrap();
             let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
             let registry = Registry::restore(&policy, &budgets, &control).unwrap();

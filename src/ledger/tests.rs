@@ -214,7 +214,7 @@ fn a_staged_rotation_is_finished_only_if_the_ledger_announced_it() {
     let current = || Signer::load_or_create(&dir).unwrap().key_id();
 
     let unrecorded = Signer::stage(&dir).unwrap();
-    Signer::resume_rotation(&dir, Some(&old.key_id())).unwrap();
+    Signer::resume_rotation(&dir, &old.key_id()).unwrap();
     assert_eq!(
         current(),
         old.key_id(),
@@ -227,7 +227,7 @@ fn a_staged_rotation_is_finished_only_if_the_ledger_announced_it() {
     let recorded = Signer::stage(&dir).unwrap();
     let archived = dir.join(format!("ledger-signing.{}.key", old.key_id()));
     std::fs::rename(dir.join(SIGNING_KEY_FILE), &archived).unwrap();
-    Signer::resume_rotation(&dir, Some(&recorded.key_id())).unwrap();
+    Signer::resume_rotation(&dir, &recorded.key_id()).unwrap();
     assert_eq!(current(), recorded.key_id());
     assert!(archived.exists(), "the old key is kept");
     let public = read_public_key(&dir.join(PUBLIC_KEY_FILE)).unwrap();

@@ -146,7 +146,10 @@ impl ControlStore {
     /// or link to the previous entry is broken, as a crash mid-write could leave) is
     /// cut off, and a `recovery` entry records what was cut; a checkpoint that covered
     /// the cut entries will then fail verification, so the cut is never silent.
-    pub fn open(store: &Store, signer: Signer) -> Result<ControlStore, StoreError> {
+    ///
+    /// The signing key is loaded from `keys` (created for an empty ledger) and must be
+    /// the one the intact ledger expects next (see [`Signer::load_for`]).
+    pub fn open(store: &Store, keys: &std::path::Path) -> Result<ControlStore, StoreError> {
         let conn = store.connection()?;
         conn.execute_batch(SCHEMA)?;
         // Acknowledged means on disk: every commit of the writer is fsynced, one fsync
@@ -155,6 +158,7 @@ impl ControlStore {
 
         let entries = read_ledger(&conn)?;
         let intact = intact_prefix(&entries);
+        let signer = Signer::load_for(keys, next_key(&entries[..intact]).as_deref())?;
         let checkpointed: i64 =
             conn.query_row("SELECT COALESCE(MAX(size), 0) FROM checkpoints", [], |r| {
                 r.get(0)
@@ -216,10 +220,16 @@ impl ControlStore {
         actor: &str,
     ) -> Result<(i64, Signer), StoreError> {
         let _rotating = self.rotation.lock().unwrap_or_else(|p| p.into_inner());
+        // A rotation whose files were not switched is finished before a new key is
+        // staged over the one now signing.
+        if Signer::staged(data_dir)?.is_some_and(|staged| staged.key_id() == self.signer().key_id())
+        {
+            Signer::promote_staged(data_dir)?;
+        }
         let (dir, actor) = (data_dir.to_path_buf(), actor.to_owned());
         let (seq, new) = self.writer.write(move |conn, tail| {
             let old = tail.signer.clone();
-            let new = Signer::stage(&dir).map_err(|e| StoreError::Key(e.to_string()))?;
+            let new = Signer::stage(&dir)?;
             let announcement = DecisionRow {
                 time: now(),
                 kind: "key_rotation",
@@ -239,12 +249,8 @@ impl ControlStore {
         })?;
 
         *self.signer.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
-        Signer::promote_staged(data_dir).map_err(|e| {
-            StoreError::Key(format!(
-                "rotation recorded as entry {seq} and in use, but its key files not switched \
-                 (the next start finishes it): {e}"
-            ))
-        })?;
+        Signer::promote_staged(data_dir)
+            .map_err(|source| StoreError::RotationUnfinished { seq, source })?;
         Ok((seq, new))
     }
 
@@ -599,22 +605,16 @@ fn stored_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
     })
 }
 
-/// The id of the key the ledger's next entry must be signed with: the one the last
+/// The id of the key the entry after `entries` must be signed with: the one the last
 /// entry announced if it is a key rotation, else the one that signed it; none for an
 /// empty ledger.
-pub fn next_key_id(store: &Store) -> Result<Option<String>, StoreError> {
-    let conn = store.connection()?;
-    conn.execute_batch(SCHEMA)?;
-    let last = conn
-        .query_row(
-            "SELECT key_id, CASE WHEN kind = 'key_rotation'
-                 THEN json_extract(entry, '$.details.new_key_id') END
-             FROM ledger ORDER BY seq DESC LIMIT 1",
-            [],
-            |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?)),
-        )
-        .optional()?;
-    Ok(last.map(|(signed_by, announced)| announced.unwrap_or(signed_by)))
+fn next_key(entries: &[StoredEntry]) -> Option<String> {
+    let last = entries.last()?;
+    let announced = serde_json::from_str::<Entry>(&last.canonical)
+        .ok()
+        .filter(|entry| entry.kind == "key_rotation")
+        .and_then(|entry| entry.details["new_key_id"].as_str().map(str::to_owned));
+    Some(announced.unwrap_or_else(|| last.key_id.clone()))
 }
 
 /// Every ledger entry in order, for verification and export.
@@ -668,7 +668,7 @@ impl LeaseStore for ControlStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{self, Signer};
+    use crate::ledger;
 
     fn decision(n: u64) -> DecisionRow {
         DecisionRow {
@@ -687,7 +687,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("warden-torn-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::open(&dir).unwrap();
-        let control = ControlStore::open(&store, Signer::load_or_create(&dir).unwrap()).unwrap();
+        let control = ControlStore::open(&store, &dir).unwrap();
         for n in 1..=5 {
             control.record(&decision(n)).unwrap();
         }
@@ -701,7 +701,7 @@ mod tests {
         )
         .unwrap();
 
-        let control = ControlStore::open(&store, Signer::load_or_create(&dir).unwrap()).unwrap();
+        let control = ControlStore::open(&store, &dir).unwrap();
         let entries = read_ledger(&control.reader()).unwrap();
         assert_eq!(
             entries.len(),
@@ -716,6 +716,91 @@ mod tests {
         );
         let key = ledger::read_public_key(&dir.join("ledger-public.key")).unwrap();
         assert_eq!(ledger::verify(&entries, &[key]), Ok(4));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("warden-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// The ledger verifies with `first` (the first public key) alone.
+    fn verifies_from(store: &Store, first: &ed25519_dalek::VerifyingKey) -> u64 {
+        let entries = read_ledger(&store.connection().unwrap()).unwrap();
+        let checkpoints = read_checkpoints(&store.connection().unwrap()).unwrap();
+        let trusted = ledger::rotated_keys(&entries, std::slice::from_ref(first));
+        ledger::verify_checkpoints(&entries, &checkpoints, &trusted).unwrap();
+        ledger::verify(&entries, std::slice::from_ref(first)).unwrap()
+    }
+
+    /// A rotation whose key files were not switched (the new key signing from memory,
+    /// its file still staged) is finished by the next rotation, not lost to it: the
+    /// ledger still verifies, and a restart finds the key in force.
+    #[test]
+    fn a_rotation_left_unswitched_is_finished_by_the_next() {
+        let dir = scratch("rotate-retry");
+        let store = Store::open(&dir).unwrap();
+        let control = ControlStore::open(&store, &dir).unwrap();
+        let first = ledger::read_public_key(&dir.join(ledger::PUBLIC_KEY_FILE)).unwrap();
+        control.record(&decision(1)).unwrap();
+        let old = control.signer();
+        let (_, second) = control.rotate_key(&dir, "operator").unwrap();
+        control.record(&decision(2)).unwrap();
+
+        // As if the switch of files had failed: the new key back in the staged file,
+        // the old one in force on disk.
+        let (current, staged) = (
+            dir.join(ledger::SIGNING_KEY_FILE),
+            dir.join(ledger::STAGED_KEY_FILE),
+        );
+        std::fs::rename(&current, &staged).unwrap();
+        let archived = dir.join(format!("ledger-signing.{}.key", old.key_id()));
+        std::fs::copy(&archived, &current).unwrap();
+
+        let (_, third) = control.rotate_key(&dir, "operator").unwrap();
+        control.record(&decision(3)).unwrap();
+        assert!(
+            dir.join(format!("ledger-signing.{}.key", second.key_id()))
+                .exists()
+        );
+        drop(control);
+
+        let control = ControlStore::open(&store, &dir).unwrap();
+        assert_eq!(control.signer().key_id(), third.key_id());
+        control.record(&decision(4)).unwrap();
+        assert_eq!(
+            verifies_from(&store, &first),
+            6,
+            "4 decisions and 2 rotations"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A ledger whose key file is gone is refused at start: no key is created and the
+    /// public key file is left as it was.
+    #[test]
+    fn a_missing_key_is_refused_not_replaced() {
+        let dir = scratch("missing-key");
+        let store = Store::open(&dir).unwrap();
+        let control = ControlStore::open(&store, &dir).unwrap();
+        control.record(&decision(1)).unwrap();
+        drop(control);
+        let public = std::fs::read_to_string(dir.join(ledger::PUBLIC_KEY_FILE)).unwrap();
+
+        std::fs::remove_file(dir.join(ledger::SIGNING_KEY_FILE)).unwrap();
+        let refused = ControlStore::open(&store, &dir)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            refused.as_deref().is_some_and(|e| e.contains("missing")),
+            "{refused:?}"
+        );
+        assert!(!dir.join(ledger::SIGNING_KEY_FILE).exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.join(ledger::PUBLIC_KEY_FILE)).unwrap(),
+            public
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
