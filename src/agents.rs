@@ -260,11 +260,16 @@ impl Registry {
     ) -> Result<(), RestoreError> {
         let stored = store.lead(&lead.spiffe_id)?;
         let key = stored.as_ref().map_or_else(|| self.next_key(), |s| s.key);
-        // Policy makes a lead TRUSTED; only an operator's quarantine outlasts a restart.
+        // Policy makes a lead TRUSTED and live; an operator's quarantine or
+        // termination outlasts a restart.
         let trust = match stored.as_ref().and_then(|s| TrustLevel::parse(&s.trust)) {
             Some(TrustLevel::Quarantined) => TrustLevel::Quarantined,
             _ => TrustLevel::Trusted,
         };
+        let ended = stored.as_ref().and_then(|s| {
+            let at = s.ended_ms?;
+            Some((from_ms(at), end_reason(s.end_reason.as_deref())))
+        });
         budgets.add_root(key, lead.daily_limit);
         let name = lead.spiffe_id.rsplit('/').next().unwrap_or(&lead.spiffe_id);
         let agent = Agent {
@@ -283,7 +288,7 @@ impl Registry {
             expires_at: None,
             key_hash: Mutex::new(crate::identity::parse_hash(&lead.key_sha256)?),
             trust: AtomicU8::new(trust as u8),
-            ended: Mutex::new(None),
+            ended: Mutex::new(ended),
         };
         if stored.is_none() {
             store.insert_agent(&agent.row(), None)?;

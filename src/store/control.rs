@@ -101,12 +101,15 @@ pub struct DecisionRow {
     pub details: serde_json::Value,
 }
 
-/// A lead as stored: its key in the registry, its trust and its key hash (hex).
+/// A lead as stored: its key in the registry, its trust, its key hash (hex) and
+/// whether it ended.
 #[derive(Debug, Clone)]
 pub struct StoredLead {
     pub key: AgentKey,
     pub trust: String,
     pub key_hash: String,
+    pub ended_ms: Option<i64>,
+    pub end_reason: Option<String>,
 }
 
 /// What survived the last run.
@@ -308,13 +311,16 @@ impl ControlStore {
         let lead = self
             .reader()
             .query_row(
-                "SELECT key, trust, key_hash FROM agents WHERE spiffe_id = ?1 AND parent IS NULL",
+                "SELECT key, trust, key_hash, ended_ms, end_reason FROM agents
+                 WHERE spiffe_id = ?1 AND parent IS NULL",
                 [spiffe_id],
                 |row| {
                     Ok(StoredLead {
                         key: row.get::<_, i64>(0)? as AgentKey,
                         trust: row.get(1)?,
                         key_hash: row.get(2)?,
+                        ended_ms: row.get(3)?,
+                        end_reason: row.get(4)?,
                     })
                 },
             )

@@ -667,3 +667,31 @@ async fn a_quarantined_lead_stays_quarantined_after_a_restart() {
         "its key stays revoked"
     );
 }
+
+/// A lead the operator terminated stays ended across a restart.
+#[tokio::test]
+async fn a_terminated_lead_stays_ended_after_a_restart() {
+    let mut h = Harness::start().await;
+    let path = "/v1/agents/lead-quarterly-orchestrator";
+    let (_, lead) = call(&h, reqwest::Method::GET, path, OPERATOR_KEY, None).await;
+    let (status, _) = call(&h, reqwest::Method::DELETE, path, OPERATOR_KEY, None).await;
+    assert_eq!(status, 200);
+
+    h.crash();
+    h.restart();
+    let by_id = format!("/v1/agents/{}", lead["id"].as_str().unwrap());
+    let (status, view) = call(&h, reqwest::Method::GET, &by_id, OPERATOR_KEY, None).await;
+    assert_eq!((status, &view["state"]), (200, &json!("ended")), "{view}");
+    let body = spawn_body(
+        "lead-quarterly-orchestrator",
+        "late",
+        "1.00",
+        &["models.small"],
+        "1h",
+    );
+    assert_eq!(
+        spawn(&h, CASE_LEAD_KEY, body).await.0,
+        401,
+        "its key stays revoked"
+    );
+}
