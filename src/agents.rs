@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 
 use crate::budget::{AgentKey, Amount, Budgets};
+use crate::decisions::KeyChange;
 use crate::identity::KeyHash;
 use crate::policy::{Delegation, Manifest, Policy};
 use crate::store::StoreError;
@@ -111,7 +112,7 @@ pub struct Agent {
     /// When the agent ends by itself, if it does.
     pub expires_at: Option<SystemTime>,
     /// SHA-256 of the agent's bearer key.
-    /// The SHA-256 of its bearer key; a lead's changes when policy gives it a new key.
+    /// The SHA-256 of its bearer key; a lead's changes when policy gives it another.
     key_hash: Mutex<KeyHash>,
     trust: AtomicU8,
     ended: Mutex<Option<(SystemTime, EndReason)>>,
@@ -159,12 +160,9 @@ impl Agent {
         *self.key_hash.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Gives the agent a new key hash; returns the old one.
-    pub(crate) fn set_key_hash(&self, hash: KeyHash) -> KeyHash {
-        std::mem::replace(
-            &mut self.key_hash.lock().unwrap_or_else(|p| p.into_inner()),
-            hash,
-        )
+    /// Gives the agent a new key hash (see [`crate::identity::Identities::rekey`]).
+    pub(crate) fn set_key_hash(&self, hash: KeyHash) {
+        *self.key_hash.lock().unwrap_or_else(|p| p.into_inner()) = hash;
     }
 
     pub fn trust(&self) -> TrustLevel {
@@ -449,26 +447,13 @@ impl Registry {
             .collect()
     }
 
-    /// Puts a reloaded policy in force: leads' limits, scopes and delegation rules
-    /// change, new leads appear, and every live agent's manifest is recomputed from the
-    /// new catalogue, parents first, each child narrowed to what its parent now holds.
-    /// Refused, with nothing changed, if a lead would disappear. Returns the leads the
-    /// policy gives a new key, with its hash: the caller stores and records each change
-    /// before putting it in force (see [`crate::identity::Identities::rekey`]).
-    pub fn apply_policy(
-        &self,
-        policy: &Policy,
-        budgets: &Budgets,
-        identities: &crate::identity::Identities,
-        store: &ControlStore,
-    ) -> Result<Vec<(Arc<Agent>, KeyHash)>, String> {
-        let leads: Vec<_> = self
-            .all()
-            .into_iter()
-            .filter(|a| a.parent.is_none())
-            .collect();
+    /// Checks a reloaded policy against the registry before anything changes: every
+    /// lead must still be in it. Returns the leads it gives another key, with the new
+    /// key's hash, for the caller to store, record and put in force (see
+    /// [`crate::identity::Identities::rekey`]).
+    pub fn plan_policy(&self, policy: &Policy) -> Result<Vec<(Arc<Agent>, KeyHash)>, String> {
         let mut rekeyed = Vec::new();
-        for lead in &leads {
+        for lead in self.all().into_iter().filter(|a| a.parent.is_none()) {
             let Some(new) = policy
                 .leads
                 .iter()
@@ -481,9 +466,28 @@ impl Registry {
             };
             let hash = crate::identity::parse_hash(&new.key_sha256).map_err(|e| e.to_string())?;
             if hash != lead.key_hash() {
-                rekeyed.push((Arc::clone(lead), hash));
+                rekeyed.push((lead, hash));
             }
         }
+        Ok(rekeyed)
+    }
+
+    /// Puts a reloaded policy, checked by [`Registry::plan_policy`], in force: leads'
+    /// limits, scopes and delegation rules change, new leads appear, and every live
+    /// agent's manifest is recomputed from the new catalogue, parents first, each child
+    /// narrowed to what its parent now holds.
+    pub fn apply_policy(
+        &self,
+        policy: &Policy,
+        budgets: &Budgets,
+        identities: &crate::identity::Identities,
+        store: &ControlStore,
+    ) -> Result<(), String> {
+        let leads: Vec<_> = self
+            .all()
+            .into_iter()
+            .filter(|a| a.parent.is_none())
+            .collect();
 
         for new in &policy.leads {
             match leads.iter().find(|l| *l.spiffe_id == *new.spiffe_id) {
@@ -517,24 +521,27 @@ impl Registry {
             };
             agent.set_manifest(policy.catalogue.manifest(&scopes));
         }
-        Ok(rekeyed)
+        Ok(())
     }
 
-    /// Leads whose key the policy changed while Warden was down, with the key hash
-    /// stored before: the change is to be stored and recorded.
-    pub fn leads_rekeyed_offline(
-        &self,
-        store: &ControlStore,
-    ) -> Result<Vec<(Arc<Agent>, KeyHash)>, StoreError> {
-        let mut rekeyed = Vec::new();
+    /// Leads whose key in force is not the one stored: the policy changed it while
+    /// Warden was down, or gave a lead added again a new key. Each change is still to
+    /// be stored and recorded.
+    pub fn unrecorded_lead_keys(&self, store: &ControlStore) -> Result<Vec<KeyChange>, StoreError> {
+        let mut changes = Vec::new();
         for lead in self.all().into_iter().filter(|a| a.parent.is_none()) {
             let stored = store.lead(&lead.spiffe_id)?;
             let old = stored.and_then(|s| crate::identity::parse_hash(&s.key_hash).ok());
-            if let Some(old) = old.filter(|old| *old != lead.key_hash()) {
-                rekeyed.push((lead, old));
+            let new = lead.key_hash();
+            if let Some(old) = old.filter(|old| *old != new) {
+                changes.push(KeyChange {
+                    agent: lead,
+                    old,
+                    new,
+                });
             }
         }
-        Ok(rekeyed)
+        Ok(changes)
     }
 
     /// Live agents whose lifetime has run out at `now`.

@@ -222,6 +222,14 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
 
+        let operator = &self.operator.key_sha256;
+        if let Some(lead) = self.policy.lead_with_key(operator) {
+            return invalid(format!(
+                "the operator's key_sha256 is also lead {}'s; the operator needs its own key",
+                lead.spiffe_id
+            ));
+        }
+
         let mut served_by: HashMap<&str, &str> = HashMap::new();
         for provider in &self.providers {
             if !provider.base_url.starts_with("http://")
@@ -363,6 +371,16 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("token_env"), "{err}");
+    }
+
+    /// The operator's key cannot also be a lead's.
+    #[test]
+    fn refuses_an_operator_key_a_lead_has() {
+        let lead = "af62e35551732cd542cdf33ed118ebe0411f25f2a3b1335ab0604e2b86fd38c8";
+        let operator = Config::load(None).unwrap().operator.key_sha256;
+        let text = DEFAULT_CONFIG.replacen(&operator, lead, 1);
+        let err = Config::parse(&text, "test", None).unwrap_err().to_string();
+        assert!(err.contains("operator needs its own key"), "{err}");
     }
 
     #[test]

@@ -166,6 +166,13 @@ impl Decision {
     }
 }
 
+/// An agent's key changing from the key with hash `old` to the one with hash `new`.
+pub struct KeyChange {
+    pub agent: Arc<Agent>,
+    pub old: KeyHash,
+    pub new: KeyHash,
+}
+
 /// The evidence id of a decision's record.
 fn evidence_id(seq: i64) -> String {
     format!("dec_{seq:012}")
@@ -196,18 +203,25 @@ impl DecisionLog {
         Ok(evidence_id(seq))
     }
 
-    /// Stores an agent's new key hash with the decision that changed it, together.
-    /// Blocking.
-    pub fn key_changed(
+    /// Stores agents' new key hashes with one decision each, all together. Blocking.
+    pub fn keys_changed(
         &self,
-        agent: &Agent,
-        new: &KeyHash,
-        decision: &Decision,
-    ) -> Result<String, StoreError> {
-        let seq = self
-            .store
-            .set_key_hash(agent.key, &hex::encode(new), &decision.row())?;
-        Ok(evidence_id(seq))
+        actor: &str,
+        reason: &str,
+        changes: &[KeyChange],
+    ) -> Result<Vec<String>, StoreError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (keys, decisions): (Vec<_>, Vec<_>) = changes
+            .iter()
+            .map(|c| {
+                let decision = Decision::key_change(actor, &c.agent, &c.old, &c.new, reason);
+                ((c.agent.key, hex::encode(c.new)), decision.row())
+            })
+            .unzip();
+        let seqs = self.store.set_key_hashes(&keys, &decisions)?;
+        Ok(seqs.into_iter().map(evidence_id).collect())
     }
 
     /// Appends one decision on its own. Blocking.

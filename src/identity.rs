@@ -6,7 +6,7 @@
 //! request path asks [`Identities::authenticate`] and gets an [`Agent`] back, so
 //! other credentials (an X.509-SVID over mTLS) can be added behind the same call.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
@@ -30,6 +30,9 @@ pub type KeyHash = [u8; 32];
 pub struct Identities {
     agents: DashMap<KeyHash, Arc<Agent>>,
     operator: KeyHash,
+    /// Held by every change of the table, so a key change and a revocation of the
+    /// same agent cannot interleave. Authentication reads without it.
+    changes: Mutex<()>,
 }
 
 impl Identities {
@@ -38,6 +41,7 @@ impl Identities {
         let identities = Identities {
             agents: DashMap::new(),
             operator: parse_hash(operator_sha256)?,
+            changes: Mutex::new(()),
         };
         let usable = |a: &Agent| a.is_live() && a.trust() != crate::agents::TrustLevel::Quarantined;
         for agent in registry.all().into_iter().filter(|a| usable(a)) {
@@ -48,21 +52,40 @@ impl Identities {
 
     /// Lets `agent` authenticate with its key.
     pub fn insert(&self, agent: Arc<Agent>) {
+        let _change = self.change();
         self.agents.insert(agent.key_hash(), agent);
     }
 
     /// Revokes `agent`'s key: its next request, on any connection, is refused.
     pub fn revoke(&self, agent: &Agent) {
+        let _change = self.change();
         self.agents.remove(&agent.key_hash());
     }
 
-    /// Gives `agent` a new key: the old one is refused from now on, and the new one
-    /// works if the agent could authenticate before.
-    pub fn rekey(&self, agent: &Arc<Agent>, hash: KeyHash) {
-        let old = agent.set_key_hash(hash);
-        if self.agents.remove(&old).is_some() {
-            self.agents.insert(hash, Arc::clone(agent));
+    /// Gives each agent its new key (`changes`: agent and new key hash): the old keys
+    /// are refused from now on, and each new one works if its agent could authenticate
+    /// before. All old keys go before any new one comes, so two agents may swap keys.
+    pub fn rekey(&self, changes: &[(Arc<Agent>, KeyHash)]) {
+        let _change = self.change();
+        let usable: Vec<bool> = changes
+            .iter()
+            .map(|(agent, _)| self.agents.remove(&agent.key_hash()).is_some())
+            .collect();
+        for ((agent, hash), usable) in changes.iter().zip(usable) {
+            agent.set_key_hash(*hash);
+            if usable {
+                self.agents.insert(*hash, Arc::clone(agent));
+            }
         }
+    }
+
+    /// Whether `hash` is the operator key's.
+    pub fn is_operator(&self, hash: &KeyHash) -> bool {
+        *hash == self.operator
+    }
+
+    fn change(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The caller behind a request's `Authorization: Bearer` key.

@@ -215,7 +215,8 @@ impl Policy {
 
         let catalogue = catalogue(&file.scopes, &served, &at)?;
         let mut leads = Vec::with_capacity(file.leads.len());
-        for lead in &file.leads {
+        for (index, lead) in file.leads.iter().enumerate() {
+            unique_lead(lead, &file.leads[..index], &at)?;
             leads.push(validate_lead(lead, &catalogue, &at)?);
         }
         Ok(Policy {
@@ -229,6 +230,37 @@ impl Policy {
 }
 
 type At<'a> = dyn Fn(std::ops::Range<usize>, String) -> ConfigError + 'a;
+
+impl Policy {
+    /// The lead whose key has SHA-256 `key_sha256` (hex), if any.
+    pub fn lead_with_key(&self, key_sha256: &str) -> Option<&Lead> {
+        self.leads
+            .iter()
+            .find(|l| l.key_sha256.eq_ignore_ascii_case(key_sha256))
+    }
+}
+
+/// A lead's SPIFFE ID and key are its own: no lead listed before it has either.
+fn unique_lead(lead: &LeadFile, earlier: &[LeadFile], at: &At<'_>) -> Result<(), ConfigError> {
+    let id = lead.spiffe_id.get_ref();
+    if earlier.iter().any(|l| l.spiffe_id.get_ref() == id) {
+        return Err(at(
+            lead.spiffe_id.span(),
+            format!("lead {id} is listed twice"),
+        ));
+    }
+    let key = lead.key_sha256.get_ref();
+    if earlier
+        .iter()
+        .any(|l| l.key_sha256.get_ref().eq_ignore_ascii_case(key))
+    {
+        return Err(at(
+            lead.key_sha256.span(),
+            format!("lead {id} has another lead's key_sha256; each lead needs its own key"),
+        ));
+    }
+    Ok(())
+}
 
 fn catalogue(
     scopes: &HashMap<String, ScopeFile>,
@@ -416,6 +448,23 @@ max_lifetime = "72h"
             let line = format!("line {}", line_of(&text, bad));
             assert!(err.contains(&line) && err.contains(named), "{err}");
         }
+    }
+
+    /// Two leads cannot share a SPIFFE ID or a key.
+    #[test]
+    fn leads_are_unique() {
+        let second =
+            POLICY[POLICY.find("[[leads]]").unwrap()..].replace("fintech/lead", "fintech/second");
+        let err = parse(&format!("{POLICY}\n{second}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another lead's key_sha256"), "{err}");
+        let text = format!(
+            "{POLICY}\n{}",
+            POLICY[POLICY.find("[[leads]]").unwrap()..].replace("af62", "bf62")
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("listed twice"), "{err}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::server::conn::http1;
@@ -39,7 +39,7 @@ use tokio::task::JoinSet;
 use crate::agents::Registry;
 use crate::budget::{Budgets, SystemClock};
 use crate::config::{Config, ConfigError};
-use crate::decisions::{Decision, DecisionLog};
+use crate::decisions::DecisionLog;
 use crate::identity::Identities;
 use crate::policy::Policy;
 use crate::proxy::Routes;
@@ -89,6 +89,8 @@ pub struct App {
     pub ids: RequestIds,
     /// Set once shutdown begins; `/readyz` then answers 503.
     pub draining: AtomicBool,
+    /// Held through a policy reload, so reloads run one at a time.
+    pub reloading: Mutex<()>,
 }
 
 impl App {
@@ -159,11 +161,8 @@ impl Server {
         let budgets = Budgets::with_leases(Arc::new(SystemClock), control.clone());
         let registry = Registry::restore(&config.policy, &budgets, &control)?;
         let decisions = DecisionLog::new(control.clone());
-        for (lead, old) in registry.leads_rekeyed_offline(&control)? {
-            let new = lead.key_hash();
-            let decision = Decision::key_change("warden", &lead, &old, &new, "policy at start");
-            decisions.key_changed(&lead, &new, &decision)?;
-        }
+        let rekeyed = registry.unrecorded_lead_keys(&control)?;
+        decisions.keys_changed("warden", "policy at start", &rekeyed)?;
         let orphans = registry.end_orphans(&budgets);
         if !orphans.is_empty() {
             tracing::warn!(
@@ -191,6 +190,7 @@ impl Server {
             },
             ids: RequestIds::new(),
             draining: AtomicBool::new(false),
+            reloading: Mutex::new(()),
         };
 
         app.metrics.watch_control_store(app.control.commit_stats());

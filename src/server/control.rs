@@ -18,7 +18,7 @@ use super::App;
 use crate::agents::next_name;
 use crate::agents::{Agent, EndReason, Fleet, SpawnRequest, spawn};
 use crate::budget::Amount;
-use crate::decisions::Decision;
+use crate::decisions::{Decision, KeyChange};
 use crate::error::{ApiError, ErrorResponse};
 use crate::identity::Caller;
 use crate::policy::Policy;
@@ -516,13 +516,41 @@ pub async fn reload(State(app): AppState, headers: HeaderMap) -> Result<Response
 }
 
 /// Reads, validates and applies the policy; the old one stays in force on any error.
+/// Reloads run one at a time. Lead key changes are stored and recorded before anything
+/// changes in memory, so a failure to store them leaves the old policy whole.
 pub async fn reload_policy(app: &Arc<App>, actor: &str) -> Result<String, ApiError> {
     let (worker, actor) = (Arc::clone(app), actor.to_owned());
     tokio::task::spawn_blocking(move || {
+        let _one_at_a_time = worker.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let served = |model: &str| worker.routes.get(model).is_some();
         let policy = Policy::load(worker.policy_path.as_deref(), served)
             .map_err(|e| ApiError::InvalidPolicy(e.to_string()))?;
         let rekeyed = worker
+            .registry
+            .plan_policy(&policy)
+            .map_err(ApiError::InvalidPolicy)?;
+        if rekeyed
+            .iter()
+            .any(|(_, hash)| worker.identities.is_operator(hash))
+        {
+            return Err(ApiError::InvalidPolicy(
+                "a lead's key_sha256 is the operator's; the operator needs its own key".into(),
+            ));
+        }
+
+        let changes: Vec<KeyChange> = rekeyed
+            .iter()
+            .map(|(lead, new)| KeyChange {
+                agent: Arc::clone(lead),
+                old: lead.key_hash(),
+                new: *new,
+            })
+            .collect();
+        worker
+            .decisions
+            .keys_changed(&actor, "policy reload", &changes)
+            .map_err(|e| ApiError::Internal(format!("lead key changes not stored: {e}")))?;
+        worker
             .registry
             .apply_policy(
                 &policy,
@@ -531,16 +559,20 @@ pub async fn reload_policy(app: &Arc<App>, actor: &str) -> Result<String, ApiErr
                 &worker.control,
             )
             .map_err(ApiError::InvalidPolicy)?;
-        for (lead, hash) in rekeyed {
-            let decision =
-                Decision::key_change(&actor, &lead, &lead.key_hash(), &hash, "policy reload");
-            worker
-                .decisions
-                .key_changed(&lead, &hash, &decision)
-                .map_err(|e| ApiError::Internal(format!("lead key change not stored: {e}")))?;
-            worker.identities.rekey(&lead, hash);
+        worker.identities.rekey(&rekeyed);
+        for (lead, _) in &rekeyed {
             tracing::info!(agent.id = %lead.spiffe_id, "lead key changed by policy");
         }
+        // A lead added back may come with another key than the one stored for it.
+        worker
+            .registry
+            .unrecorded_lead_keys(&worker.control)
+            .and_then(|changes| {
+                worker
+                    .decisions
+                    .keys_changed(&actor, "policy reload", &changes)
+            })
+            .map_err(|e| ApiError::Internal(format!("lead key changes not stored: {e}")))?;
 
         let source = worker.policy_path.as_ref().map_or_else(
             || "embedded policy.toml".to_owned(),

@@ -381,20 +381,21 @@ impl ControlStore {
         })
     }
 
-    /// Changes an agent's stored key hash with the decision that changed it.
-    pub fn set_key_hash(
+    /// Changes agents' stored key hashes (hex) with the decisions that changed them.
+    pub fn set_key_hashes(
         &self,
-        key: AgentKey,
-        key_hash: &str,
-        decision: &DecisionRow,
-    ) -> Result<i64, StoreError> {
-        let (key_hash, decision) = (key_hash.to_owned(), decision.clone());
+        keys: &[(AgentKey, String)],
+        decisions: &[DecisionRow],
+    ) -> Result<Vec<i64>, StoreError> {
+        let (keys, decisions) = (keys.to_vec(), decisions.to_vec());
         self.writer.write(move |conn, tail| {
-            conn.execute(
-                "UPDATE agents SET key_hash = ?2 WHERE key = ?1",
-                params![key as i64, key_hash],
-            )?;
-            tail.append(conn, &decision)
+            for (key, key_hash) in &keys {
+                conn.execute(
+                    "UPDATE agents SET key_hash = ?2 WHERE key = ?1",
+                    params![*key as i64, key_hash],
+                )?;
+            }
+            decisions.iter().map(|d| tail.append(conn, d)).collect()
         })
     }
 

@@ -212,3 +212,43 @@ async fn strip_mode_forwards_only_granted_tools() {
         "the rest is untouched"
     );
 }
+
+/// Two leads may swap keys in one reload; a lead may not take the operator's key.
+#[tokio::test]
+async fn reload_swaps_lead_keys_and_refuses_the_operators() {
+    let h = Harness::start().await;
+    let policy = std::fs::read_to_string(h.policy_path()).unwrap();
+    let (lead, limited) = (sha256(AGENT_KEY), sha256(LIMITED_KEY));
+    let swapped = policy
+        .replacen(&lead, "SWAP", 1)
+        .replacen(&limited, &lead, 1)
+        .replacen("SWAP", &limited, 1);
+    std::fs::write(h.policy_path(), &swapped).unwrap();
+    assert_eq!(reload(&h).await.0, 200);
+
+    let view = |path: &'static str, key: &'static str| {
+        let h = &h;
+        async move { call(h, reqwest::Method::GET, path, key, None).await.0 }
+    };
+    assert_eq!(
+        view("/v1/agents/lead", LIMITED_KEY).await,
+        200,
+        "the limited key is the lead's now"
+    );
+    assert_eq!(view("/v1/agents/limited", AGENT_KEY).await, 200);
+    assert_eq!(h.decisions("key_change", None).len(), 2);
+
+    let operator = swapped.replacen(&limited, &sha256(OPERATOR_KEY), 1);
+    std::fs::write(h.policy_path(), operator).unwrap();
+    let (status, refused) = reload(&h).await;
+    assert_eq!(
+        (status, error_of(&refused).1),
+        (400, "invalid_policy"),
+        "{refused}"
+    );
+    assert_eq!(
+        view("/v1/agents/lead", LIMITED_KEY).await,
+        200,
+        "the old policy stays"
+    );
+}
