@@ -371,6 +371,13 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("token_env"), "{err}");
+
+        let text = sink("").replace("kind = \"webhook\"", "kind = \"webhok\"");
+        let err = Config::parse(&text, "test", None).unwrap_err().to_string();
+        assert!(
+            err.contains("webhok") && err.contains("webhook"),
+            "names the kinds: {err}"
+        );
     }
 
     /// The operator's key cannot also be a lead's.

@@ -58,11 +58,13 @@ impl TryFrom<toml::Table> for SinkConfig {
             .get("kind")
             .and_then(toml::Value::as_str)
             .unwrap_or("");
+        // The keys of each kind's fields in `SinkKind`; an unknown kind is left to
+        // serde, which names the kinds there are.
         let keys: &[&str] = match kind {
             "webhook" => &["url", "format", "token_env", "index"],
             "file" => &["path", "max_bytes"],
             "syslog" => &["address", "tls", "server_name"],
-            _ => &[],
+            _ => return SinkTable::read(table),
         };
         let common = ["name", "kind", "batch"];
         if let Some(unknown) = table
@@ -84,6 +86,12 @@ impl TryFrom<toml::Table> for SinkConfig {
             ));
         }
 
+        SinkTable::read(table)
+    }
+}
+
+impl SinkTable {
+    fn read(table: toml::Table) -> Result<SinkConfig, String> {
         let sink: SinkTable = table
             .try_into()
             .map_err(|e: toml::de::Error| e.to_string())?;
@@ -442,23 +450,40 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// Elastic error types that refuse a document for what it is (its fields against the
+/// index's mapping): sending it again cannot help.
+const UNINDEXABLE: [&str; 4] = [
+    "mapper_parsing_exception",
+    "document_parsing_exception",
+    "strict_dynamic_mapping_exception",
+    "illegal_argument_exception",
+];
+
 /// What an Elastic `_bulk` answer (200 even when items fail) says about a batch of
 /// `sent` events. Each item has its own status: 2xx is stored, 409 is a duplicate of
-/// an event stored before. An item refused with 400 (a mapping or parsing error) would
-/// be refused again however often it came, so the batch counts as delivered and those
-/// refusals are returned, to be logged and skipped. Any other refusal (429 or 5xx from
-/// a busy cluster, a missing index or a permission an operator can fix) sends the
-/// whole batch again; the event ids make repeats overwrite, not duplicate.
+/// an event stored before. A document refused with 400 for what it is (a mapping or
+/// parsing error, see [`UNINDEXABLE`]) would be refused however often it came, so the
+/// batch counts as delivered and those refusals are returned, to be logged and
+/// skipped, unless every event of the batch was refused (more likely the index than
+/// the events). Any other refusal (429 or 5xx from a busy cluster, a closed or badly
+/// named index, a permission) or an answer missing items sends the whole batch again;
+/// the event ids make repeats overwrite, not duplicate.
 pub fn bulk_outcome(answer: &[u8], sent: usize) -> Result<Vec<Refusal>, SinkError> {
     let answer: Value = serde_json::from_slice(answer)
         .map_err(|e| SinkError::Answer(format!("not a _bulk answer: {e}")))?;
+    let items = answer["items"].as_array().map_or(&[][..], Vec::as_slice);
+    if items.len() != sent {
+        return Err(SinkError::Answer(format!(
+            "{} items for {sent} events",
+            items.len()
+        )));
+    }
     if answer["errors"] != Value::Bool(true) {
         return Ok(Vec::new());
     }
-    let (permanent, passing): (Vec<Refusal>, Vec<Refusal>) = answer["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
+
+    let (unindexable, passing): (Vec<Refusal>, Vec<Refusal>) = items
+        .iter()
         .filter_map(|item| item.as_object()?.values().next())
         .map(|result| Refusal {
             id: result["_id"].as_str().unwrap_or("-").to_owned(),
@@ -469,17 +494,21 @@ pub fn bulk_outcome(answer: &[u8], sent: usize) -> Result<Vec<Refusal>, SinkErro
                 .to_owned(),
         })
         .filter(|r| !(200..300).contains(&r.status) && r.status != 409)
-        .partition(|r| r.status == 400);
-    match passing.first() {
+        .partition(|r| r.status == 400 && UNINDEXABLE.contains(&r.reason.as_str()));
+    let all_refused = unindexable.len() == sent;
+    match passing
+        .first()
+        .or(unindexable.first().filter(|_| all_refused))
+    {
         Some(first) => Err(SinkError::Refused {
-            refused: passing.len(),
+            refused: passing.len() + unindexable.len(),
             sent,
             first: format!("{} {} ({})", first.status, first.reason, first.id),
         }),
-        None if permanent.is_empty() => {
+        None if unindexable.is_empty() => {
             Err(SinkError::Answer("errors set, but no item refused".into()))
         }
-        None => Ok(permanent),
+        None => Ok(unindexable),
     }
 }
 
@@ -686,5 +715,56 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next() <= Duration::from_millis(100));
+    }
+
+    fn answer(items: &[(u64, &str)]) -> Vec<u8> {
+        let items: Vec<Value> = items
+            .iter()
+            .enumerate()
+            .map(|(n, (status, error))| {
+                json!({"index": {"_id": format!("e{n}"), "status": status, "error": {"type": error}}})
+            })
+            .collect();
+        let errors = items.iter().any(|i| i["index"]["status"] != 201);
+        json!({"took": 1, "errors": errors, "items": items})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// Only documents refused for what they are are skipped; a refusal the operator or
+    /// time can fix, one refusing every event, and an answer short of items are retried.
+    #[test]
+    fn bulk_answers_skip_only_unindexable_documents() {
+        let ok = answer(&[(201, ""), (201, "")]);
+        assert!(bulk_outcome(&ok, 2).unwrap().is_empty());
+
+        let mapping = answer(&[(201, ""), (400, "mapper_parsing_exception")]);
+        let skipped = bulk_outcome(&mapping, 2).unwrap();
+        assert_eq!(
+            skipped.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["e1"]
+        );
+
+        for retried in [
+            answer(&[(201, ""), (429, "es_rejected_execution_exception")]),
+            answer(&[(201, ""), (400, "invalid_index_name_exception")]),
+            answer(&[
+                (400, "index_closed_exception"),
+                (400, "index_closed_exception"),
+            ]),
+            answer(&[
+                (400, "mapper_parsing_exception"),
+                (400, "mapper_parsing_exception"),
+            ]),
+        ] {
+            assert!(matches!(
+                bulk_outcome(&retried, 2),
+                Err(SinkError::Refused { .. })
+            ));
+        }
+        assert!(
+            matches!(bulk_outcome(&ok, 3), Err(SinkError::Answer(_))),
+            "an item is missing"
+        );
     }
 }

@@ -44,7 +44,7 @@ pub struct Stats {
     pub submitted: AtomicU64,
     /// Transactions committed or attempted, each one fsync.
     pub groups: IntCounter,
-    /// Writes applied.
+    /// Writes taken into a commit, whether the commit then succeeded or not.
     pub writes: IntCounter,
 }
 
