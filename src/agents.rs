@@ -17,8 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 
 use crate::budget::{AgentKey, Amount, Budgets};
-use crate::decisions::KeyChange;
-use crate::identity::KeyHash;
+use crate::identity::{KeyChange, KeyHash};
 use crate::policy::{Delegation, Manifest, Policy};
 use crate::store::StoreError;
 use crate::store::control::{AgentRow, ControlStore};
@@ -111,7 +110,6 @@ pub struct Agent {
     pub created_at: SystemTime,
     /// When the agent ends by itself, if it does.
     pub expires_at: Option<SystemTime>,
-    /// SHA-256 of the agent's bearer key.
     /// The SHA-256 of its bearer key; a lead's changes when policy gives it another.
     key_hash: Mutex<KeyHash>,
     trust: AtomicU8,
@@ -448,10 +446,9 @@ impl Registry {
     }
 
     /// Checks a reloaded policy against the registry before anything changes: every
-    /// lead must still be in it. Returns the leads it gives another key, with the new
-    /// key's hash, for the caller to store, record and put in force (see
-    /// [`crate::identity::Identities::rekey`]).
-    pub fn plan_policy(&self, policy: &Policy) -> Result<Vec<(Arc<Agent>, KeyHash)>, String> {
+    /// lead must still be in it. Returns the key changes it makes, for the caller to
+    /// store, record and put in force (see [`crate::identity::Identities::rekey`]).
+    pub fn plan_policy(&self, policy: &Policy) -> Result<Vec<KeyChange>, String> {
         let mut rekeyed = Vec::new();
         for lead in self.all().into_iter().filter(|a| a.parent.is_none()) {
             let Some(new) = policy
@@ -464,9 +461,16 @@ impl Registry {
                     lead.spiffe_id
                 ));
             };
-            let hash = crate::identity::parse_hash(&new.key_sha256).map_err(|e| e.to_string())?;
-            if hash != lead.key_hash() {
-                rekeyed.push((lead, hash));
+            let (old, new) = (
+                lead.key_hash(),
+                crate::identity::parse_hash(&new.key_sha256).map_err(|e| e.to_string())?,
+            );
+            if new != old {
+                rekeyed.push(KeyChange {
+                    agent: lead,
+                    old,
+                    new,
+                });
             }
         }
         Ok(rekeyed)

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use serde_json::json;
 
 use crate::agents::Agent;
-use crate::identity::KeyHash;
+use crate::identity::{KeyChange, KeyHash};
 use crate::store::StoreError;
 use crate::store::control::{AgentRow, ControlStore, DecisionRow};
 
@@ -164,13 +164,6 @@ impl Decision {
             details: self.details.clone(),
         }
     }
-}
-
-/// An agent's key changing from the key with hash `old` to the one with hash `new`.
-pub struct KeyChange {
-    pub agent: Arc<Agent>,
-    pub old: KeyHash,
-    pub new: KeyHash,
 }
 
 /// The evidence id of a decision's record.

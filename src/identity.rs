@@ -26,6 +26,13 @@ pub enum Caller {
 
 pub type KeyHash = [u8; 32];
 
+/// An agent's key changing from the key with hash `old` to the one with hash `new`.
+pub struct KeyChange {
+    pub agent: Arc<Agent>,
+    pub old: KeyHash,
+    pub new: KeyHash,
+}
+
 /// The table of known credentials.
 pub struct Identities {
     agents: DashMap<KeyHash, Arc<Agent>>,
@@ -62,19 +69,19 @@ impl Identities {
         self.agents.remove(&agent.key_hash());
     }
 
-    /// Gives each agent its new key (`changes`: agent and new key hash): the old keys
-    /// are refused from now on, and each new one works if its agent could authenticate
-    /// before. All old keys go before any new one comes, so two agents may swap keys.
-    pub fn rekey(&self, changes: &[(Arc<Agent>, KeyHash)]) {
+    /// Gives each agent its new key: the old keys are refused from now on, and each
+    /// new one works if its agent could authenticate before. All old keys go before any
+    /// new one comes, so two agents may swap keys.
+    pub fn rekey(&self, changes: &[KeyChange]) {
         let _change = self.change();
         let usable: Vec<bool> = changes
             .iter()
-            .map(|(agent, _)| self.agents.remove(&agent.key_hash()).is_some())
+            .map(|change| self.agents.remove(&change.agent.key_hash()).is_some())
             .collect();
-        for ((agent, hash), usable) in changes.iter().zip(usable) {
-            agent.set_key_hash(*hash);
+        for (change, usable) in changes.iter().zip(usable) {
+            change.agent.set_key_hash(change.new);
             if usable {
-                self.agents.insert(*hash, Arc::clone(agent));
+                self.agents.insert(change.new, Arc::clone(&change.agent));
             }
         }
     }

@@ -18,7 +18,7 @@ use super::App;
 use crate::agents::next_name;
 use crate::agents::{Agent, EndReason, Fleet, SpawnRequest, spawn};
 use crate::budget::Amount;
-use crate::decisions::{Decision, KeyChange};
+use crate::decisions::Decision;
 use crate::error::{ApiError, ErrorResponse};
 use crate::identity::Caller;
 use crate::policy::Policy;
@@ -531,24 +531,16 @@ pub async fn reload_policy(app: &Arc<App>, actor: &str) -> Result<String, ApiErr
             .map_err(ApiError::InvalidPolicy)?;
         if rekeyed
             .iter()
-            .any(|(_, hash)| worker.identities.is_operator(hash))
+            .any(|c| worker.identities.is_operator(&c.new))
         {
             return Err(ApiError::InvalidPolicy(
                 "a lead's key_sha256 is the operator's; the operator needs its own key".into(),
             ));
         }
 
-        let changes: Vec<KeyChange> = rekeyed
-            .iter()
-            .map(|(lead, new)| KeyChange {
-                agent: Arc::clone(lead),
-                old: lead.key_hash(),
-                new: *new,
-            })
-            .collect();
         worker
             .decisions
-            .keys_changed(&actor, "policy reload", &changes)
+            .keys_changed(&actor, "policy reload", &rekeyed)
             .map_err(|e| ApiError::Internal(format!("lead key changes not stored: {e}")))?;
         worker
             .registry
@@ -560,8 +552,8 @@ pub async fn reload_policy(app: &Arc<App>, actor: &str) -> Result<String, ApiErr
             )
             .map_err(ApiError::InvalidPolicy)?;
         worker.identities.rekey(&rekeyed);
-        for (lead, _) in &rekeyed {
-            tracing::info!(agent.id = %lead.spiffe_id, "lead key changed by policy");
+        for change in &rekeyed {
+            tracing::info!(agent.id = %change.agent.spiffe_id, "lead key changed by policy");
         }
         // A lead added back may come with another key than the one stored for it.
         worker
