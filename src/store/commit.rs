@@ -17,7 +17,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use prometheus::IntCounter;
@@ -32,8 +32,9 @@ const MAX_GROUP: usize = 256;
 /// The writer thread, and the queue into it. `S` is the state the writes keep beside
 /// the database (for the ledger: its tail, Merkle frontier and signing key).
 pub struct Committer<S> {
-    queue: Mutex<Option<mpsc::Sender<Box<dyn Job<S>>>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Taken only on drop, which closes the queue and lets the writer finish.
+    queue: Option<mpsc::Sender<Box<dyn Job<S>>>>,
+    thread: Option<JoinHandle<()>>,
     stats: Arc<Stats>,
 }
 
@@ -77,8 +78,8 @@ impl<S: Clone + Send + 'static> Committer<S> {
             .spawn(move || run(conn, state, &jobs, &counted))
             .map_err(StoreError::Spawn)?;
         Ok(Committer {
-            queue: Mutex::new(Some(queue)),
-            thread: Mutex::new(Some(thread)),
+            queue: Some(queue),
+            thread: Some(thread),
             stats,
         })
     }
@@ -98,8 +99,6 @@ impl<S: Clone + Send + 'static> Committer<S> {
         });
         let sent = self
             .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .is_some_and(|queue| queue.send(job).is_ok());
         if !sent {
@@ -125,8 +124,8 @@ impl Stats {
 impl<S> Drop for Committer<S> {
     /// Lets the writer finish what is queued and close its connection.
     fn drop(&mut self) {
-        drop(self.queue.lock().unwrap_or_else(|p| p.into_inner()).take());
-        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
