@@ -251,16 +251,17 @@ fn publish(
     fleet: &Fleet<'_>,
 ) -> Result<String, ApiError> {
     let (registry, budgets) = (fleet.registry, fleet.budgets);
-    {
+    let evidence_id = {
         let mut pending = spawn_lock(registry);
         pending.release(parent.key, &agent.spiffe_id);
-        if let Err(e) = &stored {
+        let evidence_id = stored.map_err(|e| {
             budgets.end(agent.key);
-            return Err(ApiError::Internal(format!("spawn not stored: {e}")));
-        }
+            ApiError::Internal(format!("spawn not stored: {e}"))
+        })?;
         registry.insert(Arc::clone(agent));
         fleet.identities.insert(Arc::clone(agent));
-    }
+        evidence_id
+    };
 
     if !parent.is_live() {
         tracing::warn!(
@@ -280,7 +281,7 @@ fn publish(
             state: "ended",
         });
     }
-    stored.map_err(|e| ApiError::Internal(e.to_string()))
+    Ok(evidence_id)
 }
 
 impl SpawnRequest {
