@@ -462,7 +462,7 @@ const UNINDEXABLE: [&str; 4] = [
 /// What an Elastic `_bulk` answer (200 even when items fail) says about a batch of
 /// `sent` events. Each item has its own status: 2xx is stored, 409 is a duplicate of
 /// an event stored before. A document refused with 400 for what it is (a mapping or
-/// parsing error, see [`UNINDEXABLE`]) would be refused however often it came, so the
+/// parsing error, see `UNINDEXABLE`) would be refused however often it came, so the
 /// batch counts as delivered and those refusals are returned, to be logged and
 /// skipped, unless every event of the batch was refused (more likely the index than
 /// the events). Any other refusal (429 or 5xx from a busy cluster, a closed or badly
