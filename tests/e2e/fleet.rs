@@ -94,7 +94,8 @@ fn assert_within_limits(h: &Harness, children: &[Child]) {
     assert!(tree <= Decimal::from(2200), "the lead's tree spent {tree}");
 }
 
-#[tokio::test]
+// Two hundred streams from the clients and the in-process mock: more than one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_streams_and_a_crash_stay_within_every_limit() {
     let mut h = Harness::start().await;
     let mut children = Vec::new();
