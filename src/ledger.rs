@@ -200,15 +200,6 @@ impl Signer {
         key_id(&self.key.verifying_key())
     }
 
-    /// Signs a checkpoint over `entries` (the canonical bytes of entries 1..=n).
-    pub fn checkpoint(&self, entries: &[String], time: String) -> Checkpoint {
-        let leaves: Vec<_> = entries
-            .iter()
-            .map(|e| merkle::leaf_hash(e.as_bytes()))
-            .collect();
-        self.sign_checkpoint(entries.len() as u64, &merkle::root(&leaves), time)
-    }
-
     /// Signs a checkpoint stating that the first `size` entries have Merkle root `root`.
     pub fn sign_checkpoint(&self, size: u64, root: &merkle::Hash, time: String) -> Checkpoint {
         let root = hex::encode(root);
@@ -353,10 +344,38 @@ pub struct Broken {
     pub why: String,
 }
 
-/// Checks every entry in order: sequence, encoding, chain, hash and signature.
-/// Returns how many entries were verified.
-pub fn verify(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Result<u64, Broken> {
-    let mut keys = keys.to_vec();
+/// The keys a ledger was signed with, in the order they were in force.
+#[derive(Debug, Clone, Default)]
+pub struct KeyHistory {
+    /// Each key with the first entry it signs.
+    spans: Vec<(u64, VerifyingKey)>,
+}
+
+impl KeyHistory {
+    /// The key that signs entry `seq` (for a `seq` past the ledger, the last key).
+    fn signing(&self, seq: u64) -> Option<&VerifyingKey> {
+        self.spans
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= seq)
+            .map(|(_, key)| key)
+    }
+
+    /// The key in force once the first `size` entries are written: the one a
+    /// checkpoint over them is signed with.
+    fn after(&self, size: u64) -> Option<&VerifyingKey> {
+        self.signing(size + 1)
+    }
+}
+
+/// Checks every entry in order: sequence, encoding, chain, hash and signature, and
+/// that each is signed by the key in force at its place. The first entry's key must
+/// be one of `anchors`; each later key is the one a `key_rotation` entry, signed by
+/// the key before it, announced, and is in force from the entry after that one, so a
+/// retired key signs nothing after its rotation. Returns the keys in the order they
+/// were in force.
+pub fn verify(entries: &[StoredEntry], anchors: &[VerifyingKey]) -> Result<KeyHistory, Broken> {
+    let mut history = KeyHistory::default();
     let mut prev = GENESIS.to_owned();
     for (index, stored) in entries.iter().enumerate() {
         let expected = index as u64 + 1;
@@ -374,32 +393,56 @@ pub fn verify(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Result<u64, Bro
             });
         }
 
-        let entry: Entry = serde_json::from_str(&stored.canonical)
-            .map_err(|e| broken(format!("not a ledger entry: {e}")))?;
-        if canonical(&entry) != stored.canonical {
-            return Err(broken("not in canonical (RFC 8785) encoding".into()));
+        let entry = check_encoding(stored, &prev).map_err(broken)?;
+        let key = match history.signing(stored.seq) {
+            Some(key) => key,
+            None => {
+                let first = find_key(anchors, &stored.key_id).ok_or_else(|| {
+                    broken(format!(
+                        "signed by unknown key {}: not one of the public keys given \
+                         (the ledger's first key is needed)",
+                        stored.key_id
+                    ))
+                })?;
+                history.spans.push((1, *first));
+                first
+            }
+        };
+        check_signed_by(
+            key,
+            &stored.key_id,
+            &stored.signature,
+            stored.canonical.as_bytes(),
+        )
+        .map_err(broken)?;
+        if entry.kind == "key_rotation" {
+            let new = introduced_key(&entry)
+                .ok_or_else(|| broken("a key rotation without a valid new public key".into()))?;
+            history.spans.push((stored.seq + 1, new));
         }
-        if entry.seq != stored.seq {
-            return Err(broken(format!("claims sequence number {}", entry.seq)));
-        }
-        if entry.prev != prev {
-            return Err(broken("does not chain to the previous entry".into()));
-        }
-        let hash = hex::encode(Sha256::digest(stored.canonical.as_bytes()));
-        if hash != stored.hash {
-            return Err(broken("its hash does not match its content".into()));
-        }
-        check_signature(stored, &keys).map_err(broken)?;
-        // A rotation entry, signed by the old key, vouches for the new one.
-        keys.extend(introduced_key(stored));
-        prev = hash;
+        prev = stored.hash.clone();
     }
-    Ok(entries.len() as u64)
+    Ok(history)
 }
 
-fn check_signature(stored: &StoredEntry, keys: &[VerifyingKey]) -> Result<(), String> {
-    let message = stored.canonical.as_bytes();
-    check_signature_by(&stored.key_id, &stored.signature, message, keys)
+/// Checks that `stored` is an entry in canonical encoding, at its place, chained to
+/// the entry before (whose hash is `prev`) and hashed right.
+fn check_encoding(stored: &StoredEntry, prev: &str) -> Result<Entry, String> {
+    let entry: Entry =
+        serde_json::from_str(&stored.canonical).map_err(|e| format!("not a ledger entry: {e}"))?;
+    if canonical(&entry) != stored.canonical {
+        return Err("not in canonical (RFC 8785) encoding".into());
+    }
+    if entry.seq != stored.seq {
+        return Err(format!("claims sequence number {}", entry.seq));
+    }
+    if entry.prev != prev {
+        return Err("does not chain to the previous entry".into());
+    }
+    if hex::encode(Sha256::digest(stored.canonical.as_bytes())) != stored.hash {
+        return Err("its hash does not match its content".into());
+    }
+    Ok(entry)
 }
 
 /// A signed statement of the ledger's size and Merkle root at one moment.
@@ -424,83 +467,103 @@ fn checkpoint_message(size: u64, root: &str, time: &str) -> String {
     serde_json_canonicalizer::to_string(&message).expect("a checkpoint message always serializes")
 }
 
-fn check_checkpoint_signature(
+/// Checks a checkpoint's signatures: the first by `after`, the key in force at its
+/// size, and, when a rotation put that key in force since the previous checkpoint,
+/// a second by `before`, the key in force at the previous checkpoint. A checkpoint
+/// without a rotation carries one signature.
+fn check_checkpoint_signatures(
     checkpoint: &Checkpoint,
-    keys: &[VerifyingKey],
+    before: &VerifyingKey,
+    after: &VerifyingKey,
 ) -> Result<(), String> {
     let message = checkpoint_message(checkpoint.size, &checkpoint.root, &checkpoint.time);
     let size = checkpoint.size;
-    check_signature_by(
+    check_signed_by(
+        after,
         &checkpoint.key_id,
         &checkpoint.signature,
         message.as_bytes(),
-        keys,
     )
     .map_err(|why| format!("checkpoint at {size}: {why}"))?;
+
+    let rotated = before != after;
     match (&checkpoint.co_key_id, &checkpoint.co_signature) {
-        (None, None) => Ok(()),
-        (Some(id), Some(signature)) => check_signature_by(id, signature, message.as_bytes(), keys)
+        (None, None) if !rotated => Ok(()),
+        (None, None) => Err(format!(
+            "checkpoint at {size}: the first after a key rotation must also be signed by the key before it"
+        )),
+        (Some(_), Some(_)) if !rotated => Err(format!(
+            "checkpoint at {size}: a second signature, but no key rotation since the previous checkpoint"
+        )),
+        (Some(id), Some(signature)) => check_signed_by(before, id, signature, message.as_bytes())
             .map_err(|why| format!("checkpoint at {size}, second signature: {why}")),
         _ => Err(format!("checkpoint at {size}: half a second signature")),
     }
 }
 
-/// Checks `signature` (hex) over `message` by the key with `id` among `keys`.
-fn check_signature_by(
-    id: &str,
+/// The key among `keys` with id `id`.
+fn find_key<'k>(keys: &'k [VerifyingKey], id: &str) -> Option<&'k VerifyingKey> {
+    keys.iter().find(|k| key_id(k) == id)
+}
+
+/// Checks that `signature` (hex) over `message` is by `key`, whose id the signer
+/// claimed as `claimed`.
+fn check_signed_by(
+    key: &VerifyingKey,
+    claimed: &str,
     signature: &str,
     message: &[u8],
-    keys: &[VerifyingKey],
 ) -> Result<(), String> {
-    let key = keys
-        .iter()
-        .find(|k| key_id(k) == id)
-        .ok_or_else(|| format!("signed by unknown key {id}"))?;
+    let expected = key_id(key);
+    if claimed != expected {
+        return Err(format!(
+            "signed by key {claimed}, but key {expected} is in force here"
+        ));
+    }
     let mut bytes = [0u8; 64];
     hex::decode_to_slice(signature, &mut bytes).map_err(|_| "malformed signature".to_owned())?;
     key.verify_strict(message, &Signature::from_bytes(&bytes))
         .map_err(|_| "signature does not verify".to_owned())
 }
 
-/// The keys a verified ledger trusts: those given, and each key a `key_rotation` entry
-/// introduced (such an entry is signed by the key before it).
-pub fn rotated_keys(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Vec<VerifyingKey> {
-    let mut trusted = keys.to_vec();
-    for stored in entries {
-        if let Some(key) = introduced_key(stored) {
-            trusted.push(key);
-        }
-    }
-    trusted
-}
-
 /// The new key a `key_rotation` entry introduces.
-fn introduced_key(stored: &StoredEntry) -> Option<VerifyingKey> {
-    let entry: Entry = serde_json::from_str(&stored.canonical).ok()?;
-    if entry.kind != "key_rotation" {
-        return None;
-    }
+fn introduced_key(entry: &Entry) -> Option<VerifyingKey> {
     let bytes = parse_key(entry.details["new_public_key"].as_str()?)?;
     VerifyingKey::from_bytes(&bytes).ok()
 }
 
-/// Checks every checkpoint against the (already verified) entries: each must be
-/// signed, no larger than the ledger, and cover exactly its entries' Merkle root.
+/// Checks every checkpoint against the (already verified) entries, in order of size:
+/// each must be signed by the key in force at its size (and co-signed across a
+/// rotation, see [`check_checkpoint_signatures`]), no larger than the ledger, and
+/// cover exactly its entries' Merkle root.
 pub fn verify_checkpoints(
     entries: &[StoredEntry],
     checkpoints: &[Checkpoint],
-    keys: &[VerifyingKey],
+    keys: &KeyHistory,
 ) -> Result<(), Broken> {
     let leaves: Vec<_> = entries
         .iter()
         .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
         .collect();
+    let mut previous = 0;
     for checkpoint in checkpoints {
-        let size = checkpoint.size as usize;
-        check_checkpoint_signature(checkpoint, keys).map_err(|why| Broken {
+        let broken = |why: String| Broken {
             seq: checkpoint.size,
             why,
-        })?;
+        };
+        if checkpoint.size == 0 || checkpoint.size <= previous {
+            return Err(broken(format!(
+                "checkpoint at {} follows the one at {previous}: checkpoints grow",
+                checkpoint.size
+            )));
+        }
+        let (Some(before), Some(after)) = (keys.after(previous), keys.after(checkpoint.size))
+        else {
+            return Err(broken("a checkpoint over a ledger with no entries".into()));
+        };
+        check_checkpoint_signatures(checkpoint, before, after).map_err(broken)?;
+
+        let size = checkpoint.size as usize;
         if size > leaves.len() {
             return Err(Broken {
                 seq: leaves.len() as u64 + 1,
@@ -511,11 +574,11 @@ pub fn verify_checkpoints(
             });
         }
         if hex::encode(merkle::root(&leaves[..size])) != checkpoint.root {
-            return Err(Broken {
-                seq: checkpoint.size,
-                why: "entries up to here do not match the checkpoint's Merkle root".into(),
-            });
+            return Err(broken(
+                "entries up to here do not match the checkpoint's Merkle root".into(),
+            ));
         }
+        previous = checkpoint.size;
     }
     Ok(())
 }
@@ -550,9 +613,29 @@ pub fn prove(entries: &[StoredEntry], checkpoint: &Checkpoint, seq: u64) -> Opti
     })
 }
 
-/// Checks an inclusion proof with only the public key(s).
+/// Checks an inclusion proof with only the public key(s): the checkpoint must be
+/// signed by one of `keys` (a co-signature, which only links keys across a rotation,
+/// adds nothing to what the proof shows), and the entry's path must lead to its root.
 pub fn verify_proof(proof: &InclusionProof, keys: &[VerifyingKey]) -> Result<(), String> {
-    check_checkpoint_signature(&proof.checkpoint, keys)?;
+    let checkpoint = &proof.checkpoint;
+    let key = find_key(keys, &checkpoint.key_id).ok_or_else(|| {
+        format!(
+            "checkpoint at {} signed by unknown key {}",
+            checkpoint.size, checkpoint.key_id
+        )
+    })?;
+    let message = checkpoint_message(checkpoint.size, &checkpoint.root, &checkpoint.time);
+    check_signed_by(
+        key,
+        &checkpoint.key_id,
+        &checkpoint.signature,
+        message.as_bytes(),
+    )
+    .map_err(|why| format!("checkpoint at {}: {why}", checkpoint.size))?;
+    let index = proof
+        .seq
+        .checked_sub(1)
+        .ok_or_else(|| "entries are numbered from 1".to_owned())?;
     let decode = |text: &str| {
         let mut hash = [0u8; 32];
         hex::decode_to_slice(text, &mut hash)
@@ -566,8 +649,7 @@ pub fn verify_proof(proof: &InclusionProof, keys: &[VerifyingKey]) -> Result<(),
         .map(|p| decode(p))
         .collect::<Result<Vec<_>, _>>()?;
     let leaf = merkle::leaf_hash(proof.entry.as_bytes());
-    let included =
-        merkle::verify_inclusion(&leaf, proof.seq - 1, proof.checkpoint.size, &path, &root);
+    let included = merkle::verify_inclusion(&leaf, index, proof.checkpoint.size, &path, &root);
     if included {
         Ok(())
     } else {

@@ -3,13 +3,16 @@
 //! per worker thread), so `main` is synchronous.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ed25519_dalek::VerifyingKey;
 use warden::config::Config;
+use warden::ledger;
 use warden::server::Server;
+use warden::store::control;
 
 #[derive(Parser)]
 #[command(version, about = "Streaming LLM-proxy firewall for AI-agent fleets")]
@@ -38,8 +41,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum LedgerCommand {
-    /// Verify every entry: encoding, sequence, chain and signatures. Exits non-zero
-    /// and names the first bad entry if anything is wrong.
+    /// Verify every entry and checkpoint: encoding, sequence, chain, signatures, key
+    /// succession and Merkle roots. Exits non-zero and names the first bad entry if
+    /// anything is wrong.
     Verify {
         /// The SQLite database.
         #[arg(long, default_value = "data/warden.db", conflicts_with = "jsonl")]
@@ -50,11 +54,12 @@ enum LedgerCommand {
         /// An inclusion proof from `warden ledger prove` instead of a ledger.
         #[arg(long, conflicts_with_all = ["jsonl"])]
         proof: Option<PathBuf>,
-        /// The public key(s) entries may be signed with.
-        #[arg(long = "public-key", default_value = "data/ledger-public.key")]
+        /// The ledger's first public key (keys a rotation introduced follow from the
+        /// ledger); repeatable. Default: every `ledger-public*.key` beside the ledger.
+        #[arg(long = "public-key")]
         public_keys: Vec<PathBuf>,
     },
-    /// Print an inclusion proof of entry `seq` against the latest checkpoint covering it.
+    /// Print an inclusion proof of entry `seq` against the latest checkpoint.
     Prove {
         seq: u64,
         #[arg(long, default_value = "data/warden.db")]
@@ -67,7 +72,8 @@ enum LedgerCommand {
         spiffe_id: String,
         #[arg(long, default_value = "data/warden.db")]
         db: PathBuf,
-        #[arg(long = "public-key", default_value = "data/ledger-public.key")]
+        /// As for `verify`.
+        #[arg(long = "public-key")]
         public_keys: Vec<PathBuf>,
     },
     /// Write the ledger as JSON lines: every entry, and each checkpoint after the last
@@ -86,7 +92,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config, listen) = match cli.command {
         Some(Command::Serve { config, listen }) => (config, listen),
-        Some(Command::Ledger { command }) => return ledger(command),
+        Some(Command::Ledger { command }) => return ledger_command(command),
         None => (None, None),
     };
 
@@ -115,7 +121,7 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
     Ok(())
 }
 
-fn ledger(command: LedgerCommand) -> ExitCode {
+fn ledger_command(command: LedgerCommand) -> ExitCode {
     match run_ledger(command) {
         Ok(code) => code,
         Err(e) => {
@@ -126,8 +132,6 @@ fn ledger(command: LedgerCommand) -> ExitCode {
 }
 
 fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
-    use warden::ledger;
-
     match command {
         LedgerCommand::Verify {
             db,
@@ -135,109 +139,151 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
             proof,
             public_keys,
         } => {
-            let keys = public_keys
-                .iter()
-                .map(|p| ledger::read_public_key(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            if let Some(path) = proof {
-                return check_proof(&path, &keys);
-            }
-
-            let (entries, checkpoints) = match jsonl {
-                Some(path) => read_export(&path)?,
-                None => (read_db(&db)?, read_checkpoints(&db)?),
-            };
-            let trusted = ledger::rotated_keys(&entries, &keys);
-            let verified = ledger::verify(&entries, &keys).and_then(|n| {
-                ledger::verify_checkpoints(&entries, &checkpoints, &trusted).map(|()| n)
-            });
-            match verified {
-                Ok(n) => {
-                    println!(
-                        "ledger ok: {n} entries verified, {} checkpoints",
-                        checkpoints.len()
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(broken) => {
-                    println!("ledger broken: {broken}");
-                    Ok(ExitCode::FAILURE)
-                }
+            let keys = read_public_keys(&public_keys, jsonl.as_deref().unwrap_or(&db))?;
+            match (proof, jsonl) {
+                (Some(proof), _) => check_proof(&proof, &keys),
+                (None, Some(jsonl)) => verify(&read_export(&jsonl)?, &keys),
+                (None, None) => verify(&read_db(&db)?, &keys),
             }
         }
-        LedgerCommand::Prove { seq, db } => {
-            let entries = read_db(&db)?;
-            let checkpoint = read_checkpoints(&db)?
-                .into_iter()
-                .find(|c| c.size >= seq)
-                .ok_or_else(|| anyhow::anyhow!("no checkpoint covers entry {seq} yet"))?;
-            let proof = ledger::prove(&entries, &checkpoint, seq)
-                .ok_or_else(|| anyhow::anyhow!("entry {seq} is not in the ledger"))?;
-            println!("{}", serde_json::to_string_pretty(&proof)?);
-            Ok(ExitCode::SUCCESS)
-        }
+        LedgerCommand::Prove { seq, db } => prove(&read_db(&db)?, seq),
         LedgerCommand::Custody {
             spiffe_id,
             db,
             public_keys,
-        } => {
-            let keys = public_keys
-                .iter()
-                .map(|p| ledger::read_public_key(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            let entries = read_db(&db)?;
-            if let Err(broken) = ledger::verify(&entries, &keys) {
-                println!("ledger broken: {broken}");
-                return Ok(ExitCode::FAILURE);
-            }
-            let chain = ledger::custody(&entries, &spiffe_id);
-            if chain.is_empty() {
-                println!("no entries about {spiffe_id}");
-                return Ok(ExitCode::FAILURE);
-            }
-            for entry in chain {
-                println!("{}", serde_json::to_string(&entry)?);
-            }
+        } => custody(
+            &read_db(&db)?,
+            &read_public_keys(&public_keys, &db)?,
+            &spiffe_id,
+        ),
+        LedgerCommand::Export { db, out } => export(&read_db(&db)?, out.as_deref()),
+    }
+}
+
+/// Checks entries and checkpoints; prints the first thing wrong, if anything is.
+fn verify(ledger: &Ledger, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
+    let (entries, checkpoints) = ledger;
+    match check(ledger, keys) {
+        Ok(()) => {
+            println!(
+                "ledger ok: {} entries verified, {} checkpoints",
+                entries.len(),
+                checkpoints.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        LedgerCommand::Export { db, out } => {
-            let mut text = String::new();
-            for item in ledger::export(&read_db(&db)?, &read_checkpoints(&db)?) {
-                text.push_str(&serde_json::to_string(&item)?);
-                text.push('\n');
-            }
-            match out {
-                Some(path) => std::fs::write(&path, text)
-                    .with_context(|| format!("writing {}", path.display()))?,
-                None => print!("{text}"),
-            }
-            Ok(ExitCode::SUCCESS)
+        Err(broken) => {
+            println!("ledger broken: {broken}");
+            Ok(ExitCode::FAILURE)
         }
     }
 }
 
-fn read_db(path: &std::path::Path) -> anyhow::Result<Vec<warden::ledger::StoredEntry>> {
-    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
-    let conn = rusqlite::Connection::open_with_flags(path, flags)
-        .with_context(|| format!("opening {}", path.display()))?;
-    Ok(warden::store::control::read_ledger(&conn)?)
+fn check((entries, checkpoints): &Ledger, keys: &[VerifyingKey]) -> Result<(), ledger::Broken> {
+    let history = ledger::verify(entries, keys)?;
+    ledger::verify_checkpoints(entries, checkpoints, &history)
 }
 
-fn read_checkpoints(path: &std::path::Path) -> anyhow::Result<Vec<warden::ledger::Checkpoint>> {
-    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
-    let conn = rusqlite::Connection::open_with_flags(path, flags)
-        .with_context(|| format!("opening {}", path.display()))?;
-    Ok(warden::store::control::read_checkpoints(&conn)?)
+/// Prints the inclusion proof of entry `seq` against the latest checkpoint, which is
+/// signed by the newest key.
+fn prove((entries, checkpoints): &Ledger, seq: u64) -> anyhow::Result<ExitCode> {
+    let checkpoint = checkpoints
+        .last()
+        .filter(|c| c.size >= seq)
+        .ok_or_else(|| anyhow::anyhow!("no checkpoint covers entry {seq} yet"))?;
+    let proof = ledger::prove(entries, checkpoint, seq)
+        .ok_or_else(|| anyhow::anyhow!("entry {seq} is not in the ledger"))?;
+    println!("{}", serde_json::to_string_pretty(&proof)?);
+    Ok(ExitCode::SUCCESS)
 }
 
-fn check_proof(
-    path: &std::path::Path,
-    keys: &[ed25519_dalek::VerifyingKey],
-) -> anyhow::Result<ExitCode> {
+/// Prints an agent's chain of custody, one entry per line, once the ledger verifies.
+fn custody(ledger: &Ledger, keys: &[VerifyingKey], spiffe_id: &str) -> anyhow::Result<ExitCode> {
+    if let Err(broken) = check(ledger, keys) {
+        println!("ledger broken: {broken}");
+        return Ok(ExitCode::FAILURE);
+    }
+
+    let chain = ledger::custody(&ledger.0, spiffe_id);
+    if chain.is_empty() {
+        println!("no entries about {spiffe_id}");
+        return Ok(ExitCode::FAILURE);
+    }
+    for entry in chain {
+        println!("{}", serde_json::to_string(&entry)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export((entries, checkpoints): &Ledger, out: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let mut text = String::new();
+    for item in ledger::export(entries, checkpoints) {
+        text.push_str(&serde_json::to_string(&item)?);
+        text.push('\n');
+    }
+    match out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The keys in `paths`; without any, every ledger public key beside `ledger` (the
+/// current `ledger-public.key` and those rotations archived as
+/// `ledger-public.<key id>.key`), so a ledger that rotated verifies from its first key.
+fn read_public_keys(paths: &[PathBuf], ledger: &Path) -> anyhow::Result<Vec<VerifyingKey>> {
+    let paths = if paths.is_empty() {
+        public_keys_beside(ledger)?
+    } else {
+        paths.to_vec()
+    };
+    Ok(paths
+        .iter()
+        .map(|p| ledger::read_public_key(p))
+        .collect::<Result<_, _>>()?)
+}
+
+fn public_keys_beside(ledger: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = match ledger.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let listing = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut keys = Vec::new();
+    for file in listing {
+        let path = file?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("ledger-public.") && name.ends_with(".key") {
+            keys.push(path);
+        }
+    }
+    anyhow::ensure!(
+        !keys.is_empty(),
+        "no ledger-public.key in {}: pass --public-key",
+        dir.display()
+    );
+    Ok(keys)
+}
+
+/// The ledger's entries and checkpoints, read in one transaction so a running Warden
+/// cannot add a checkpoint between the two reads.
+fn read_db(path: &Path) -> anyhow::Result<Ledger> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let mut conn = rusqlite::Connection::open_with_flags(path, flags)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let snapshot = conn.transaction()?;
+    let entries = control::read_ledger(&snapshot)?;
+    let checkpoints = control::read_checkpoints(&snapshot)?;
+    Ok((entries, checkpoints))
+}
+
+fn check_proof(path: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let proof: warden::ledger::InclusionProof = serde_json::from_str(&text)?;
-    match warden::ledger::verify_proof(&proof, keys) {
+    let proof: ledger::InclusionProof = serde_json::from_str(&text)?;
+    match ledger::verify_proof(&proof, keys) {
         Ok(()) => {
             let size = proof.checkpoint.size;
             println!(
@@ -253,15 +299,12 @@ fn check_proof(
     }
 }
 
-type Ledger = (
-    Vec<warden::ledger::StoredEntry>,
-    Vec<warden::ledger::Checkpoint>,
-);
+type Ledger = (Vec<ledger::StoredEntry>, Vec<ledger::Checkpoint>);
 
-fn read_export(path: &std::path::Path) -> anyhow::Result<Ledger> {
+fn read_export(path: &Path) -> anyhow::Result<Ledger> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    warden::ledger::read_export(&text).map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))
+    ledger::read_export(&text).map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -194,7 +194,6 @@ impl Server {
         };
 
         app.metrics.watch_control_store(app.control.commit_stats());
-        crate::sinks::ensure_schema(&app.store)?;
         Ok(Server {
             app: Arc::new(app),
             sinks: config.sinks.clone(),

@@ -655,15 +655,6 @@ impl Backoff {
     }
 }
 
-/// Creates the cursor table.
-pub fn ensure_schema(store: &Store) -> Result<(), StoreError> {
-    let conn = store.connection()?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS sink_cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);",
-    )?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

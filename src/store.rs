@@ -78,6 +78,12 @@ pub enum StoreError {
         seq: i64,
         source: crate::ledger::KeyError,
     },
+    #[error(
+        "ledger entry {seq} is damaged, but a signed checkpoint or a sink's acknowledgement \
+         covers the ledger up to entry {vouched}: this is no torn write, so nothing is cut; \
+         run `warden ledger verify` and restore the database from a backup"
+    )]
+    LedgerDamaged { seq: u64, vouched: u64 },
     #[error("cannot start the usage writer thread: {0}")]
     Spawn(std::io::Error),
 }

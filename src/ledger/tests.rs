@@ -33,6 +33,21 @@ fn chain(signer: &Signer, n: u64) -> Vec<StoredEntry> {
         .collect()
 }
 
+/// A checkpoint by `signer` over the first `size` entries.
+fn checkpoint(signer: &Signer, entries: &[StoredEntry], size: usize) -> Checkpoint {
+    let leaves: Vec<_> = entries[..size]
+        .iter()
+        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
+        .collect();
+    let time = "2026-12-03T00:00:01.000Z".into();
+    signer.sign_checkpoint(size as u64, &merkle::root(&leaves), time)
+}
+
+/// How many entries `verify` passed.
+fn verified(entries: &[StoredEntry], keys: &[VerifyingKey]) -> Result<usize, Broken> {
+    verify(entries, keys).map(|_| entries.len())
+}
+
 fn public(signer: &Signer) -> Vec<VerifyingKey> {
     vec![signer.key.verifying_key()]
 }
@@ -40,7 +55,7 @@ fn public(signer: &Signer) -> Vec<VerifyingKey> {
 #[test]
 fn an_untouched_ledger_verifies() {
     let signer = signer(7);
-    assert_eq!(verify(&chain(&signer, 5), &public(&signer)), Ok(5));
+    assert_eq!(verified(&chain(&signer, 5), &public(&signer)), Ok(5));
 }
 
 #[test]
@@ -86,7 +101,7 @@ fn tampering_is_caught_at_the_first_bad_entry() {
     forged.push(extra);
     let err = verify(&forged, &keys).unwrap_err();
     assert_eq!(err.seq, 6);
-    assert!(err.why.contains("unknown key"), "{}", err.why);
+    assert!(err.why.contains("in force"), "{}", err.why);
 
     let mut resigned = good.clone();
     resigned[3].key_id = good[3].key_id.clone();
@@ -151,7 +166,7 @@ fn ed25519_verification_matches_wycheproof() {
         for test in group["tests"].as_array().unwrap() {
             let message = hex::decode(test["msg"].as_str().unwrap()).unwrap();
             let signature = test["sig"].as_str().unwrap();
-            let verdict = check_signature_by(&key_id(&key), signature, &message, &[key]);
+            let verdict = check_signed_by(&key, &key_id(&key), signature, &message);
             let expected = test["result"].as_str().unwrap();
             assert_eq!(
                 verdict.is_ok(),
@@ -249,20 +264,20 @@ fn checkpoints_catch_a_ledger_cut_short_and_prove_inclusion() {
     let signer = signer(7);
     let keys = public(&signer);
     let entries = chain(&signer, 10);
-    let canonicals: Vec<String> = entries[..8].iter().map(|e| e.canonical.clone()).collect();
-    let checkpoint = signer.checkpoint(&canonicals, "2026-12-03T00:00:00.000Z".into());
+    let checkpoint = checkpoint(&signer, &entries, 8);
+    let history = verify(&entries, &keys).unwrap();
     assert_eq!(
-        verify_checkpoints(&entries, std::slice::from_ref(&checkpoint), &keys),
+        verify_checkpoints(&entries, std::slice::from_ref(&checkpoint), &history),
         Ok(())
     );
 
     let cut = &entries[..6];
     assert_eq!(
-        verify(cut, &keys),
+        verified(cut, &keys),
         Ok(6),
         "the chain alone cannot see a cut tail"
     );
-    let err = verify_checkpoints(cut, std::slice::from_ref(&checkpoint), &keys).unwrap_err();
+    let err = verify_checkpoints(cut, std::slice::from_ref(&checkpoint), &history).unwrap_err();
     assert_eq!(err.seq, 7);
     assert!(err.why.contains("cut short"), "{}", err.why);
 
@@ -279,7 +294,7 @@ fn checkpoints_catch_a_ledger_cut_short_and_prove_inclusion() {
     let mut resigned = checkpoint.clone();
     resigned.size = 9;
     assert!(
-        verify_checkpoints(&entries, &[resigned], &keys).is_err(),
+        verify_checkpoints(&entries, &[resigned], &history).is_err(),
         "a checkpoint altered"
     );
 }
@@ -325,15 +340,32 @@ fn a_rotated_key_is_vouched_for_by_the_old_one() {
     );
 
     let original = public(&old);
-    assert_eq!(verify(&entries, &original), Ok(5));
-    let canonicals: Vec<String> = entries.iter().map(|e| e.canonical.clone()).collect();
-    let mut checkpoint = new.checkpoint(&canonicals, "2026-12-03T00:00:01.000Z".into());
+    let history = verify(&entries, &original).unwrap();
+    let mut checkpoint = checkpoint(&new, &entries, 5);
     old.co_sign(&mut checkpoint);
-    let trusted = rotated_keys(&entries, &original);
     assert_eq!(
-        verify_checkpoints(&entries, std::slice::from_ref(&checkpoint), &trusted),
+        verify_checkpoints(&entries, std::slice::from_ref(&checkpoint), &history),
         Ok(())
     );
+
+    // Given both keys, the ledger still keeps to the order they were in force in: the
+    // retired key signs nothing after the rotation.
+    let both = [public(&old), public(&new)].concat();
+    let mut late = entries[..4].to_vec();
+    let prev = entries[3].hash.clone();
+    push(
+        &mut late,
+        &old,
+        announce(5, prev, "spawn", serde_json::json!({})),
+    );
+    let err = verify(&late, &both).unwrap_err();
+    assert_eq!(err.seq, 5);
+    assert!(err.why.contains("in force"), "{}", err.why);
+
+    // Only the new key cannot vouch for the entries before it.
+    let err = verify(&entries, &public(&new)).unwrap_err();
+    assert_eq!(err.seq, 1);
+    assert!(err.why.contains("first key"), "{}", err.why);
 
     // A "rotation" signed by a stranger introduces nothing.
     let stranger = self::signer(9);
@@ -347,7 +379,24 @@ fn a_rotated_key_is_vouched_for_by_the_old_one() {
     );
     assert_eq!(verify(&forged, &original).unwrap_err().seq, 4);
 
+    // The checkpoint across the rotation needs both keys, each in its role.
+    let checkpoint_err = |checkpoint: Checkpoint| {
+        verify_checkpoints(&entries, &[checkpoint], &history)
+            .unwrap_err()
+            .why
+    };
     let mut half = checkpoint.clone();
     half.co_signature = None;
-    assert!(verify_checkpoints(&entries, &[half], &trusted).is_err());
+    assert!(checkpoint_err(half).contains("half"));
+    let mut new_only = checkpoint.clone();
+    (new_only.co_key_id, new_only.co_signature) = (None, None);
+    assert!(checkpoint_err(new_only).contains("must also be signed"));
+    let mut old_first = self::checkpoint(&old, &entries, 5);
+    new.co_sign(&mut old_first);
+    assert!(checkpoint_err(old_first).contains("in force"));
+
+    // Before the rotation, one signature: a second one is refused.
+    let mut early = self::checkpoint(&old, &entries, 3);
+    old.co_sign(&mut early);
+    assert!(checkpoint_err(early).contains("no key rotation"));
 }

@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     co_key_id    TEXT,
     co_signature TEXT
 );
+-- Each SIEM sink's last acknowledged entry (see the sinks module).
+CREATE TABLE IF NOT EXISTS sink_cursors (
+    sink TEXT    PRIMARY KEY,
+    seq  INTEGER NOT NULL
+);
 ";
 
 /// One agent as stored.
@@ -147,8 +152,9 @@ struct Tail {
 impl ControlStore {
     /// Opens the store and checks the ledger's chain. A torn tail (entries whose hash
     /// or link to the previous entry is broken, as a crash mid-write could leave) is
-    /// cut off, and a `recovery` entry records what was cut; a checkpoint that covered
-    /// the cut entries will then fail verification, so the cut is never silent.
+    /// cut off, and a `recovery` entry records what was cut. A break that a signed
+    /// checkpoint or a sink's acknowledgement already covers is no torn write but
+    /// damage: Warden refuses to start rather than cut evidence away.
     ///
     /// The signing key is loaded from `keys` (created for an empty ledger) and must be
     /// the one the intact ledger expects next (see [`Signer::load_for`]).
@@ -161,11 +167,14 @@ impl ControlStore {
 
         let entries = read_ledger(&conn)?;
         let intact = intact_prefix(&entries);
-        let signer = Signer::load_for(keys, next_key(&entries[..intact]).as_deref())?;
         let checkpointed: i64 =
             conn.query_row("SELECT COALESCE(MAX(size), 0) FROM checkpoints", [], |r| {
                 r.get(0)
             })?;
+        if intact < entries.len() {
+            refuse_damage(&conn, intact as u64 + 1, checkpointed)?;
+        }
+        let signer = Signer::load_for(keys, next_key(&entries[..intact]).as_deref())?;
         let tail = Tail::of(&entries[..intact], signer.clone(), checkpointed);
 
         let control = ControlStore {
@@ -180,7 +189,8 @@ impl ControlStore {
         Ok(control)
     }
 
-    /// Deletes entries `first..=last` and records that it did, in one transaction.
+    /// Deletes entries `first..=last` (none of them checkpointed or delivered, see
+    /// [`refuse_damage`]) and records that it did, in one transaction.
     fn cut_torn_tail(&self, first: u64, last: u64) -> Result<(), StoreError> {
         tracing::error!(
             first,
@@ -624,6 +634,26 @@ fn next_key(entries: &[StoredEntry]) -> Option<String> {
     Some(announced.unwrap_or_else(|| last.key_id.clone()))
 }
 
+/// Refuses a break in the chain at entry `first` that something outside the tail
+/// vouches for: a checkpoint (signed in the same transaction as the entries it covers)
+/// or a sink's cursor (moved only after the entries committed). A crash cannot tear
+/// what was committed, so such a break is damage, and cutting from there would delete
+/// evidence that may already sit in a SIEM.
+fn refuse_damage(conn: &Connection, first: u64, checkpointed: i64) -> Result<(), StoreError> {
+    let delivered: i64 =
+        conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM sink_cursors", [], |r| {
+            r.get(0)
+        })?;
+    let vouched = checkpointed.max(delivered) as u64;
+    if first <= vouched {
+        return Err(StoreError::LedgerDamaged {
+            seq: first,
+            vouched,
+        });
+    }
+    Ok(())
+}
+
 /// Every ledger entry in order, for verification and export.
 pub fn read_ledger(conn: &Connection) -> Result<Vec<StoredEntry>, StoreError> {
     let mut stmt =
@@ -722,7 +752,64 @@ mod tests {
             serde_json::json!({"cut_from": 4, "cut_to": 5})
         );
         let key = ledger::read_public_key(&dir.join("ledger-public.key")).unwrap();
-        assert_eq!(ledger::verify(&entries, &[key]), Ok(4));
+        assert!(ledger::verify(&entries, &[key]).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A break below the last checkpoint, or below a sink's cursor, is damage, not a
+    /// torn tail: the store refuses to open and deletes nothing.
+    #[test]
+    fn damage_under_a_checkpoint_or_a_cursor_is_refused_not_cut() {
+        let dir = scratch("damaged");
+        let store = Store::open(&dir).unwrap();
+        let control = ControlStore::open(&store, &dir).unwrap();
+        for n in 1..=5 {
+            control.record(&decision(n)).unwrap();
+        }
+        control.checkpoint().unwrap();
+        control.record(&decision(6)).unwrap();
+        drop(control);
+        let conn = store.connection().unwrap();
+        let damage = |seq: i64| {
+            conn.execute(
+                "UPDATE ledger SET entry = replace(entry, '\"n\"', '\"m\"') WHERE seq = ?1",
+                [seq],
+            )
+            .unwrap();
+        };
+
+        damage(2);
+        let refused = ControlStore::open(&store, &dir).err();
+        assert!(
+            matches!(
+                refused,
+                Some(StoreError::LedgerDamaged { seq: 2, vouched: 5 })
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(read_ledger(&conn).unwrap().len(), 6, "nothing cut");
+
+        // Past the checkpoint but delivered to a sink: refused too.
+        conn.execute(
+            "UPDATE ledger SET entry = replace(entry, '\"m\"', '\"n\"')",
+            [],
+        )
+        .unwrap();
+        damage(6);
+        conn.execute(
+            "INSERT INTO sink_cursors (sink, seq) VALUES ('siem', 6)",
+            [],
+        )
+        .unwrap();
+        let refused = ControlStore::open(&store, &dir).err();
+        assert!(
+            matches!(
+                refused,
+                Some(StoreError::LedgerDamaged { seq: 6, vouched: 6 })
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(read_ledger(&conn).unwrap().len(), 6, "nothing cut");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -736,9 +823,9 @@ mod tests {
     fn verifies_from(store: &Store, first: &ed25519_dalek::VerifyingKey) -> u64 {
         let entries = read_ledger(&store.connection().unwrap()).unwrap();
         let checkpoints = read_checkpoints(&store.connection().unwrap()).unwrap();
-        let trusted = ledger::rotated_keys(&entries, std::slice::from_ref(first));
-        ledger::verify_checkpoints(&entries, &checkpoints, &trusted).unwrap();
-        ledger::verify(&entries, std::slice::from_ref(first)).unwrap()
+        let history = ledger::verify(&entries, std::slice::from_ref(first)).unwrap();
+        ledger::verify_checkpoints(&entries, &checkpoints, &history).unwrap();
+        entries.len() as u64
     }
 
     /// A rotation whose key files were not switched (the new key signing from memory,

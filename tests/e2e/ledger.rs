@@ -416,6 +416,10 @@ async fn key_rotation_keeps_the_ledger_verifiable_with_the_first_key() {
         first_key.to_str().unwrap(),
     ]);
     assert!(ok && out.contains("3 entries verified"), "{out}");
+    // Without --public-key, verify takes the keys beside the database: the one in
+    // force and the one the rotation archived.
+    let (ok, out) = warden_ledger(&["verify", "--db", db.to_str().unwrap()]);
+    assert!(ok && out.contains("3 entries verified"), "{out}");
 
     // The export carries the co-signed checkpoint, after the entry it ends on, and
     // verifies it the same way.
