@@ -99,6 +99,8 @@ pub enum ApiError {
     ParentUnavailable { parent: String, state: &'static str },
     #[error("policy not reloaded, the old one stays in force: {0}")]
     InvalidPolicy(String),
+    #[error("the ledger has no signed checkpoint yet")]
+    NoCheckpoint,
     #[error("unknown URL: {method} {path}")]
     UnknownRoute { method: String, path: String },
     #[error("provider '{provider}' has no API key: set the environment variable {env}")]
@@ -199,6 +201,7 @@ impl ApiError {
             }
             InvalidPolicy(_) => (400, "invalid_request_error", "invalid_policy", Client),
             UnknownRoute { .. } => (404, "invalid_request_error", "unknown_url", Client),
+            NoCheckpoint => (404, "invalid_request_error", "no_checkpoint", Client),
             ProviderKeyMissing { .. } => (502, "upstream_error", "provider_not_configured", Config),
             UpstreamUnreachable { .. } => (502, "upstream_error", "upstream_unreachable", Upstream),
             UpstreamTimeout { .. } => (504, "upstream_error", "upstream_timeout", Upstream),

@@ -14,7 +14,11 @@
 //! inclusion proof can show one entry is in the ledger, and a ledger cut short after a
 //! checkpoint is caught. Changing a byte breaks the hash and the signature; deleting or
 //! reordering entries breaks the sequence and the `prev` chain; a forged entry fails
-//! the signature. The signing key is created on first start, kept with mode 0600 next
+//! the signature, and so does one a retired key signed after its rotation.
+//!
+//! Limitation: a tail cut off together with the checkpoints over it leaves a ledger
+//! that verifies by itself. Only a copy kept elsewhere shows the cut: a checkpoint an
+//! auditor kept ([`verify_witness`]) or the events a SIEM sink received. The signing key is created on first start, kept with mode 0600 next
 //! to the database, and its public key written beside it and served over HTTP.
 
 pub mod merkle;
@@ -562,23 +566,60 @@ pub fn verify_checkpoints(
             return Err(broken("a checkpoint over a ledger with no entries".into()));
         };
         check_checkpoint_signatures(checkpoint, before, after).map_err(broken)?;
-
-        let size = checkpoint.size as usize;
-        if size > leaves.len() {
-            return Err(Broken {
-                seq: leaves.len() as u64 + 1,
-                why: format!(
-                    "missing: the checkpoint at {} covers it (the ledger was cut short)",
-                    checkpoint.size
-                ),
-            });
-        }
-        if hex::encode(merkle::root(&leaves[..size])) != checkpoint.root {
-            return Err(broken(
-                "entries up to here do not match the checkpoint's Merkle root".into(),
-            ));
-        }
+        check_covers(&leaves, checkpoint, "checkpoint")?;
         previous = checkpoint.size;
+    }
+    Ok(())
+}
+
+/// Checks the ledger against a checkpoint kept outside it (from
+/// `GET /v1/ledger/checkpoint`): signed by the key in force at its size, and the
+/// ledger still holds every entry it covers, unchanged. This catches what the ledger
+/// cannot show by itself: its tail cut off together with the checkpoints over it.
+pub fn verify_witness(
+    entries: &[StoredEntry],
+    witness: &Checkpoint,
+    keys: &KeyHistory,
+) -> Result<(), Broken> {
+    let size = witness.size;
+    let key = keys.after(size).ok_or_else(|| Broken {
+        seq: 1,
+        why: format!("missing: the witnessed checkpoint at {size} covers it"),
+    })?;
+    let message = checkpoint_message(size, &witness.root, &witness.time);
+    check_signed_by(key, &witness.key_id, &witness.signature, message.as_bytes()).map_err(
+        |why| Broken {
+            seq: size,
+            why: format!("witnessed checkpoint at {size}: {why}"),
+        },
+    )?;
+
+    let leaves: Vec<_> = entries
+        .iter()
+        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
+        .collect();
+    check_covers(&leaves, witness, "witnessed checkpoint")
+}
+
+/// Checks that the ledger (as `leaves`) holds the entries `checkpoint` covers, with
+/// its Merkle root.
+fn check_covers(
+    leaves: &[merkle::Hash],
+    checkpoint: &Checkpoint,
+    what: &str,
+) -> Result<(), Broken> {
+    let size = checkpoint.size;
+    let Some(covered) = leaves.get(..size as usize) else {
+        return Err(Broken {
+            seq: leaves.len() as u64 + 1,
+            why: format!("missing: the {what} at {size} covers it (the ledger was cut short)"),
+        });
+    };
+    if hex::encode(merkle::root(covered)) != checkpoint.root {
+        return Err(Broken {
+            seq: size,
+            why: format!("entries up to here do not match the {what}'s Merkle root"),
+        });
     }
     Ok(())
 }
@@ -744,34 +785,56 @@ pub fn read_export(text: &str) -> Result<(Vec<StoredEntry>, Vec<Checkpoint>), St
     Ok((entries, checkpoints))
 }
 
-/// An agent's chain of custody: each ancestor's spawn (the lead's first), then every
-/// entry about the agent itself, all in ledger order.
+/// An agent's chain of custody: each ancestor's spawn (the lead's grant first), then
+/// the agent's own spawn and every entry about it since, all in ledger order.
+///
+/// A SPIFFE ID names a role, which a later agent may take over once the earlier one
+/// ended, so the chain follows the ID's latest incarnation: from its latest `spawn`
+/// (or `replacement`, which continues the agent it replaced), and each ancestor as it
+/// was when the descendant was made. A lead, which policy defines rather than a spawn,
+/// has every entry about it.
 pub fn custody(entries: &[StoredEntry], spiffe_id: &str) -> Vec<Entry> {
     let parsed: Vec<Entry> = entries
         .iter()
         .filter_map(|e| serde_json::from_str(&e.canonical).ok())
         .collect();
-
-    let spawn_of = |id: &str| {
+    let about = |seq: u64| {
         parsed
             .iter()
-            .find(|e| e.kind == "spawn" && e.subject == id)
+            .filter(move |e| e.subject == spiffe_id && e.seq >= seq)
             .cloned()
     };
+    let Some(start) = origin(&parsed, spiffe_id, u64::MAX) else {
+        return about(0).collect();
+    };
+
     let mut ancestors = Vec::new();
-    let mut next =
-        spawn_of(spiffe_id).and_then(|s| s.details["parent"].as_str().map(str::to_owned));
-    while let Some(parent) = next {
-        let Some(spawn) = spawn_of(&parent) else {
-            break;
-        };
-        next = spawn.details["parent"].as_str().map(str::to_owned);
-        ancestors.push(spawn);
+    let mut at = start;
+    while let Some(next) = predecessor(at).and_then(|id| origin(&parsed, id, at.seq)) {
+        ancestors.push(next.clone());
+        at = next;
     }
     ancestors.reverse();
-
-    ancestors.extend(parsed.iter().filter(|e| e.subject == spiffe_id).cloned());
+    ancestors.extend(about(start.seq));
     ancestors
+}
+
+/// The entry that made the agent `id` was as of entry `before`: its latest spawn or
+/// replacement before then.
+fn origin<'e>(parsed: &'e [Entry], id: &str, before: u64) -> Option<&'e Entry> {
+    parsed.iter().rev().find(|e| {
+        e.seq < before && e.subject == id && (e.kind == "spawn" || e.kind == "replacement")
+    })
+}
+
+/// Whose grant an origin entry continues: a spawn's parent, a replacement's predecessor.
+fn predecessor(origin: &Entry) -> Option<&str> {
+    let field = if origin.kind == "replacement" {
+        "replaces"
+    } else {
+        "parent"
+    };
+    origin.details[field].as_str()
 }
 
 /// Reads a public key file (hex).

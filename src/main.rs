@@ -52,8 +52,13 @@ enum LedgerCommand {
         #[arg(long)]
         jsonl: Option<PathBuf>,
         /// An inclusion proof from `warden ledger prove` instead of a ledger.
-        #[arg(long, conflicts_with_all = ["jsonl"])]
+        #[arg(long, conflicts_with_all = ["jsonl", "witness"])]
         proof: Option<PathBuf>,
+        /// A checkpoint kept outside the ledger (from `GET /v1/ledger/checkpoint`) that
+        /// the ledger must still hold, unchanged; repeatable. Catches a tail cut off
+        /// together with the checkpoints over it.
+        #[arg(long)]
+        witness: Vec<PathBuf>,
         /// The ledger's first public key (keys a rotation introduced follow from the
         /// ledger); repeatable. Default: every `ledger-public*.key` beside the ledger.
         #[arg(long = "public-key")]
@@ -137,13 +142,18 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
             db,
             jsonl,
             proof,
+            witness,
             public_keys,
         } => {
             let keys = read_public_keys(&public_keys, jsonl.as_deref().unwrap_or(&db))?;
+            let witnesses = witness
+                .iter()
+                .map(|path| read_json(path))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             match (proof, jsonl) {
-                (Some(proof), _) => check_proof(&proof, &keys),
-                (None, Some(jsonl)) => verify(&read_export(&jsonl)?, &keys),
-                (None, None) => verify(&read_db(&db)?, &keys),
+                (Some(proof), _) => check_proof(&read_json(&proof)?, &keys),
+                (None, Some(jsonl)) => verify(&read_export(&jsonl)?, &keys, &witnesses),
+                (None, None) => verify(&read_db(&db)?, &keys, &witnesses),
             }
         }
         LedgerCommand::Prove { seq, db } => prove(&read_db(&db)?, seq),
@@ -160,10 +170,20 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Checks entries and checkpoints; prints the first thing wrong, if anything is.
-fn verify(ledger: &Ledger, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
+/// Checks entries, checkpoints and witnesses; prints the first thing wrong, if anything
+/// is.
+fn verify(
+    ledger: &Ledger,
+    keys: &[VerifyingKey],
+    witnesses: &[ledger::Checkpoint],
+) -> anyhow::Result<ExitCode> {
     let (entries, checkpoints) = ledger;
-    match check(ledger, keys) {
+    let checked = check(ledger, keys).and_then(|history| {
+        witnesses
+            .iter()
+            .try_for_each(|w| ledger::verify_witness(entries, w, &history))
+    });
+    match checked {
         Ok(()) => {
             println!(
                 "ledger ok: {} entries verified, {} checkpoints",
@@ -179,9 +199,14 @@ fn verify(ledger: &Ledger, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn check((entries, checkpoints): &Ledger, keys: &[VerifyingKey]) -> Result<(), ledger::Broken> {
+/// Verifies entries and checkpoints; returns the keys in the order they signed.
+fn check(
+    (entries, checkpoints): &Ledger,
+    keys: &[VerifyingKey],
+) -> Result<ledger::KeyHistory, ledger::Broken> {
     let history = ledger::verify(entries, keys)?;
-    ledger::verify_checkpoints(entries, checkpoints, &history)
+    ledger::verify_checkpoints(entries, checkpoints, &history)?;
+    Ok(history)
 }
 
 /// Prints the inclusion proof of entry `seq` against the latest checkpoint, which is
@@ -279,11 +304,8 @@ fn read_db(path: &Path) -> anyhow::Result<Ledger> {
     Ok((entries, checkpoints))
 }
 
-fn check_proof(path: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let proof: ledger::InclusionProof = serde_json::from_str(&text)?;
-    match ledger::verify_proof(&proof, keys) {
+fn check_proof(proof: &ledger::InclusionProof, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
+    match ledger::verify_proof(proof, keys) {
         Ok(()) => {
             let size = proof.checkpoint.size;
             println!(
@@ -300,6 +322,12 @@ fn check_proof(path: &Path, keys: &[VerifyingKey]) -> anyhow::Result<ExitCode> {
 }
 
 type Ledger = (Vec<ledger::StoredEntry>, Vec<ledger::Checkpoint>);
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))
+}
 
 fn read_export(path: &Path) -> anyhow::Result<Ledger> {
     let text =

@@ -256,6 +256,13 @@ impl Server {
             }
         }
         self.usage_log.close();
+        // A checkpoint over the last entries, so a ledger cut short after a clean stop
+        // is caught by the checkpoint rather than only against a sink's copy.
+        match self.app.control.checkpoint() {
+            Ok(Some(size)) => tracing::info!(ledger.size = size, "final ledger checkpoint signed"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "final ledger checkpoint not stored"),
+        }
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -10,8 +10,9 @@
 //! once, and every event carries a stable id receivers can drop duplicates by. The
 //! ledger is never pruned, so nothing above any cursor can disappear.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -163,7 +164,7 @@ pub enum WebhookFormat {
 
 /// A ledger entry as an OCSF API Activity event (class 6003), with the entry itself
 /// (and its hash and signature) kept under `unmapped` so a receiver can verify it.
-pub fn ocsf_event(entry: &StoredEntry, key_id: &str) -> Value {
+pub fn ocsf_event(entry: &StoredEntry, ledger_id: &str) -> Value {
     let line = ExportLine::of(entry);
     let time_ms = line.entry["time"]
         .as_str()
@@ -180,7 +181,7 @@ pub fn ocsf_event(entry: &StoredEntry, key_id: &str) -> Value {
         "actor": {"user": {"uid": line.entry["actor"]}},
         "resources": [{"uid": line.entry["subject"], "type": "agent"}],
         "metadata": {
-            "uid": event_id(key_id, entry.seq),
+            "uid": event_id(ledger_id, entry.seq),
             "version": "1.1.0",
             "product": {"name": "Warden", "vendor_name": "Warden"},
             "sequence": entry.seq,
@@ -207,6 +208,12 @@ pub enum SinkError {
         sent: usize,
         first: String,
     },
+    #[error(
+        "receiver refused all {} events as unindexable, first: {}; the first goes alone next",
+        .0.len(),
+        .0.first().map_or("-", |r| r.id.as_str())
+    )]
+    AllUnindexable(Vec<Refusal>),
     #[error("receiver's answer unreadable: {0}")]
     Answer(String),
     #[error("receiver unreachable: {0}")]
@@ -225,6 +232,9 @@ pub struct Sink {
     /// The ledger's identity, part of every event id: the start of its first entry's
     /// hash, which no key rotation or restart changes.
     ledger_id: std::sync::OnceLock<String>,
+    /// Set when a whole batch was refused as unindexable: the next delivery sends only
+    /// its first event, so one bad event cannot hold up the sink (see [`Sink::post`]).
+    probing: AtomicBool,
     metrics: SinkMetrics,
 }
 
@@ -252,6 +262,7 @@ impl Sink {
             store,
             http: Client::builder(TokioExecutor::new()).build(https),
             ledger_id: std::sync::OnceLock::new(),
+            probing: AtomicBool::new(false),
             metrics,
         }
     }
@@ -317,6 +328,7 @@ impl Sink {
         }
 
         self.advance(newest).await?;
+        self.probing.store(false, Ordering::Relaxed);
         self.metrics.lag.set(last.saturating_sub(newest) as i64);
         Ok(entries.len())
     }
@@ -361,7 +373,11 @@ impl Sink {
                 .map_err(StoreError::from)?;
             let query = LedgerQuery {
                 after: cursor,
-                limit: sink.config.batch.max(1),
+                limit: if sink.probing.load(Ordering::Relaxed) {
+                    1
+                } else {
+                    sink.config.batch.max(1)
+                },
                 ..LedgerQuery::default()
             };
             Ok((cursor, query_ledger(&conn, &query)?, last as u64))
@@ -385,6 +401,26 @@ impl Sink {
         })
         .await
         .map_err(|e| SinkError::Setup(e.to_string()))?
+    }
+
+    /// The refusals in an Elastic `_bulk` answer to skip (see [`bulk_outcome`]). A
+    /// batch refused whole as unindexable says more about the index than the events,
+    /// so it is retried, its first event alone; refused alone too, that event is bad
+    /// and skipped. A broken index mapping thus costs one event per retry (logged and
+    /// counted), not the whole stream, and one bad event never stops the sink.
+    fn refusals_to_skip(&self, answer: &[u8], sent: usize) -> Result<Vec<Refusal>, SinkError> {
+        match bulk_outcome(answer, sent) {
+            Err(SinkError::AllUnindexable(refusals))
+                if sent == 1 && self.probing.load(Ordering::Relaxed) =>
+            {
+                Ok(refusals)
+            }
+            Err(SinkError::AllUnindexable(refusals)) => {
+                self.probing.store(true, Ordering::Relaxed);
+                Err(SinkError::AllUnindexable(refusals))
+            }
+            outcome => outcome,
+        }
     }
 
     async fn post(
@@ -430,7 +466,7 @@ impl Sink {
                     .map_err(|_| SinkError::Unreachable("answer not read within 30 s".into()))?
                     .map_err(|e| SinkError::Unreachable(e.to_string()))?
                     .to_bytes();
-            for refusal in bulk_outcome(&answer, events.len())? {
+            for refusal in self.refusals_to_skip(&answer, events.len())? {
                 tracing::error!(
                     sink = %self.config.name, event.id = %refusal.id, reason = %refusal.reason,
                     "receiver refused the event for good; skipped (it stays in the ledger)"
@@ -465,7 +501,7 @@ const UNINDEXABLE: [&str; 4] = [
 /// parsing error, see `UNINDEXABLE`) would be refused however often it came, so the
 /// batch counts as delivered and those refusals are returned, to be logged and
 /// skipped, unless every event of the batch was refused (more likely the index than
-/// the events). Any other refusal (429 or 5xx from a busy cluster, a closed or badly
+/// the events: `AllUnindexable`, which the sink retries). Any other refusal (429 or 5xx from a busy cluster, a closed or badly
 /// named index, a permission) or an answer missing items sends the whole batch again;
 /// the event ids make repeats overwrite, not duplicate.
 pub fn bulk_outcome(answer: &[u8], sent: usize) -> Result<Vec<Refusal>, SinkError> {
@@ -495,20 +531,17 @@ pub fn bulk_outcome(answer: &[u8], sent: usize) -> Result<Vec<Refusal>, SinkErro
         })
         .filter(|r| !(200..300).contains(&r.status) && r.status != 409)
         .partition(|r| r.status == 400 && UNINDEXABLE.contains(&r.reason.as_str()));
-    let all_refused = unindexable.len() == sent;
-    match passing
-        .first()
-        .or(unindexable.first().filter(|_| all_refused))
-    {
-        Some(first) => Err(SinkError::Refused {
+    if let Some(first) = passing.first() {
+        return Err(SinkError::Refused {
             refused: passing.len() + unindexable.len(),
             sent,
             first: format!("{} {} ({})", first.status, first.reason, first.id),
-        }),
-        None if unindexable.is_empty() => {
-            Err(SinkError::Answer("errors set, but no item refused".into()))
-        }
-        None => Ok(unindexable),
+        });
+    }
+    match unindexable.len() {
+        0 => Err(SinkError::Answer("errors set, but no item refused".into())),
+        all if all == sent => Err(SinkError::AllUnindexable(unindexable)),
+        _ => Ok(unindexable),
     }
 }
 
@@ -610,26 +643,47 @@ async fn send_syslog(
 }
 
 /// Appends events to a JSON-lines file, rotating it to `<path>.1` past `max_bytes`,
-/// and syncs before the cursor may move.
-fn append_file(path: &std::path::Path, max_bytes: u64, events: &[Value]) -> Result<(), SinkError> {
+/// and syncs before the cursor may move. One rotated file is kept: the one before is
+/// replaced, so a shipper reading the file must keep up within two files' worth.
+/// A write that fails part-way is cut back off, so the retry never follows half a line.
+fn append_file(path: &Path, max_bytes: u64, events: &[Value]) -> Result<(), SinkError> {
     use std::io::Write;
 
     let size = std::fs::metadata(path).map_or(0, |m| m.len());
     if size > max_bytes {
-        std::fs::rename(path, path.with_extension("jsonl.1"))?;
+        let mut rotated = path.as_os_str().to_owned();
+        rotated.push(".1");
+        std::fs::rename(path, &rotated)?;
+        sync_parent(path)?;
     }
+
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
+    let before = file.metadata()?.len();
     let mut text = String::new();
     for event in events {
         text.push_str(&event.to_string());
         text.push('\n');
     }
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        // Best effort: should the cut fail too, the torn line stays in the file.
+        let _ = file.set_len(before);
+        return Err(e.into());
+    }
     Ok(())
+}
+
+/// Makes a rename in `path`'s directory survive a power cut.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+        _ => std::fs::File::open(".")?.sync_all(),
+    }
 }
 
 /// Exponential backoff from 100 ms to 30 s, with full jitter.
@@ -722,6 +776,24 @@ mod tests {
             .into_bytes()
     }
 
+    /// Past `max_bytes` the file moves to `<path>.1` (the whole name kept) and a new
+    /// one starts; every line is one event.
+    #[test]
+    fn the_file_sink_rotates_past_its_size() {
+        let dir = std::env::temp_dir().join(format!("warden-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.log");
+        let events = |n: u64| (0..n).map(|seq| json!({ "seq": seq })).collect::<Vec<_>>();
+
+        append_file(&path, 16, &events(2)).unwrap();
+        append_file(&path, 16, &events(1)).unwrap();
+
+        let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
+        assert_eq!(lines(&dir.join("events.log.1")), 2);
+        assert_eq!(lines(&path), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// Only documents refused for what they are are skipped; a refusal the operator or
     /// time can fix, one refusing every event, and an answer short of items are retried.
     #[test]
@@ -743,16 +815,20 @@ mod tests {
                 (400, "index_closed_exception"),
                 (400, "index_closed_exception"),
             ]),
-            answer(&[
-                (400, "mapper_parsing_exception"),
-                (400, "mapper_parsing_exception"),
-            ]),
         ] {
             assert!(matches!(
                 bulk_outcome(&retried, 2),
                 Err(SinkError::Refused { .. })
             ));
         }
+        let all = answer(&[
+            (400, "mapper_parsing_exception"),
+            (400, "mapper_parsing_exception"),
+        ]);
+        assert!(matches!(
+            bulk_outcome(&all, 2),
+            Err(SinkError::AllUnindexable(refusals)) if refusals.len() == 2
+        ));
         assert!(
             matches!(bulk_outcome(&ok, 3), Err(SinkError::Answer(_))),
             "an item is missing"

@@ -281,6 +281,17 @@ fn checkpoints_catch_a_ledger_cut_short_and_prove_inclusion() {
     assert_eq!(err.seq, 7);
     assert!(err.why.contains("cut short"), "{}", err.why);
 
+    // The same checkpoint kept outside the ledger catches a cut that took it along.
+    assert_eq!(verify_witness(&entries, &checkpoint, &history), Ok(()));
+    let err = verify_witness(cut, &checkpoint, &history).unwrap_err();
+    assert_eq!(err.seq, 7);
+    let mut forged = checkpoint.clone();
+    forged.size = 6;
+    assert!(
+        verify_witness(cut, &forged, &history).is_err(),
+        "a witness altered"
+    );
+
     for seq in 1..=8 {
         let proof = prove(&entries, &checkpoint, seq).unwrap();
         assert_eq!(verify_proof(&proof, &keys), Ok(()), "entry {seq}");
@@ -399,4 +410,90 @@ fn a_rotated_key_is_vouched_for_by_the_old_one() {
     let mut early = self::checkpoint(&old, &entries, 3);
     old.co_sign(&mut early);
     assert!(checkpoint_err(early).contains("no key rotation"));
+}
+
+/// Sealed entries of `(kind, subject, details)`, in order.
+fn ledger_of(signer: &Signer, items: &[(&str, &str, serde_json::Value)]) -> Vec<StoredEntry> {
+    let mut prev = GENESIS.to_owned();
+    let mut entries = Vec::new();
+    for (seq, (kind, subject, details)) in (1..).zip(items) {
+        let entry = Entry {
+            seq,
+            time: "2026-12-03T00:00:00.000Z".into(),
+            kind: (*kind).into(),
+            actor: "spiffe://t/agent/x/lead".into(),
+            subject: (*subject).into(),
+            details: details.clone(),
+            prev,
+        };
+        let sealed = signer.seal(&entry);
+        prev = sealed.hash.clone();
+        entries.push(StoredEntry {
+            seq,
+            canonical: sealed.canonical,
+            hash: sealed.hash,
+            signature: sealed.signature,
+            key_id: sealed.key_id,
+        });
+    }
+    entries
+}
+
+/// Custody follows the latest incarnation of a reused SPIFFE ID, each ancestor as it
+/// was when its descendant was made, and a replacement back to the agent it replaced.
+#[test]
+fn custody_follows_the_incarnation_and_replacements() {
+    let (lead, child, grandchild, stand_in) = (
+        "spiffe://t/agent/x/lead",
+        "spiffe://t/agent/x/child",
+        "spiffe://t/agent/x/grandchild",
+        "spiffe://t/agent/x/stand-in",
+    );
+    let entries = ledger_of(
+        &signer(7),
+        &[
+            (
+                "spawn",
+                child,
+                serde_json::json!({"agent_id": "a1", "parent": lead}),
+            ),
+            ("termination", child, serde_json::json!({"agent_id": "a1"})),
+            (
+                "spawn",
+                child,
+                serde_json::json!({"agent_id": "a2", "parent": lead}),
+            ),
+            (
+                "spawn",
+                grandchild,
+                serde_json::json!({"agent_id": "a3", "parent": child}),
+            ),
+            (
+                "replacement",
+                stand_in,
+                serde_json::json!({"agent_id": "a4", "replaces": grandchild}),
+            ),
+            (
+                "breaker_trip",
+                stand_in,
+                serde_json::json!({"agent_id": "a4"}),
+            ),
+            (
+                "spawn",
+                child,
+                serde_json::json!({"agent_id": "a5", "parent": lead}),
+            ),
+        ],
+    );
+    let seqs = |id: &str| {
+        custody(&entries, id)
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>()
+    };
+
+    assert_eq!(seqs(stand_in), [3, 4, 5, 6]);
+    assert_eq!(seqs(grandchild), [3, 4]);
+    assert_eq!(seqs(child), [7], "the latest incarnation");
+    assert_eq!(seqs(lead), Vec::<u64>::new(), "no entry is about the lead");
 }

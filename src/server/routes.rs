@@ -19,7 +19,7 @@ use crate::identity::Caller;
 use crate::ledger::ExportLine;
 use crate::proxy::{self, Endpoint};
 use crate::store::UsageReport;
-use crate::store::control::{LedgerQuery, query_ledger};
+use crate::store::control::{LedgerQuery, latest_checkpoint, query_ledger};
 
 type AppState = State<Arc<App>>;
 
@@ -42,6 +42,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/v1/ledger/public-key", get(ledger_public_key))
         .route("/v1/ledger", get(ledger_entries))
+        .route("/v1/ledger/checkpoint", get(ledger_checkpoint))
         .route("/v1/ledger/rotate-key", post(rotate_ledger_key))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -268,6 +269,21 @@ async fn ledger_entries(
         Json(serde_json::json!({ "object": "list", "data": data, "next_after": next_after }))
             .into_response(),
     )
+}
+
+/// `GET /v1/ledger/checkpoint`: the newest signed checkpoint, for auditors to keep
+/// outside Warden and check the ledger against later (`warden ledger verify
+/// --witness`). It tells only the ledger's size and root hash, so anyone may read it.
+async fn ledger_checkpoint(State(app): AppState) -> Result<Response, ApiError> {
+    let store = app.store.clone();
+    let checkpoint = tokio::task::spawn_blocking(move || {
+        let conn = store.connection()?;
+        latest_checkpoint(&conn)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(checkpoint.ok_or(ApiError::NoCheckpoint)?).into_response())
 }
 
 /// A time bound of a ledger query (unix seconds or RFC 3339), written as entries write

@@ -667,22 +667,32 @@ pub fn read_ledger(conn: &Connection) -> Result<Vec<StoredEntry>, StoreError> {
 /// A checkpoint is signed every this many entries (and on a timer in between).
 pub const CHECKPOINT_EVERY: u64 = 64;
 
+const CHECKPOINT_COLUMNS: &str = "size, root, time, key_id, signature, co_key_id, co_signature";
+
+fn checkpoint_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
+    Ok(Checkpoint {
+        size: row.get::<_, i64>(0)? as u64,
+        root: row.get(1)?,
+        time: row.get(2)?,
+        key_id: row.get(3)?,
+        signature: row.get(4)?,
+        co_key_id: row.get(5)?,
+        co_signature: row.get(6)?,
+    })
+}
+
+/// The newest checkpoint, if one was signed.
+pub fn latest_checkpoint(conn: &Connection) -> Result<Option<Checkpoint>, StoreError> {
+    let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY size DESC LIMIT 1");
+    Ok(conn.query_row(&sql, [], checkpoint_row).optional()?)
+}
+
 /// Every checkpoint, smallest first.
 pub fn read_checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>, StoreError> {
-    let mut stmt =
-        conn.prepare("SELECT size, root, time, key_id, signature, co_key_id, co_signature FROM checkpoints ORDER BY size")?;
+    let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY size");
+    let mut stmt = conn.prepare(&sql)?;
     let checkpoints = stmt
-        .query_map([], |row| {
-            Ok(Checkpoint {
-                size: row.get::<_, i64>(0)? as u64,
-                root: row.get(1)?,
-                time: row.get(2)?,
-                key_id: row.get(3)?,
-                signature: row.get(4)?,
-                co_key_id: row.get(5)?,
-                co_signature: row.get(6)?,
-            })
-        })?
+        .query_map([], checkpoint_row)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(checkpoints)
 }

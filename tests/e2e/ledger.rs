@@ -263,6 +263,60 @@ async fn checkpoints_prove_inclusion_and_catch_truncation() {
     assert!(!ok && out.contains("entry 61"), "{out}");
 }
 
+/// A tail cut off together with the checkpoints over it leaves a ledger that verifies
+/// by itself; a checkpoint kept outside Warden (`GET /v1/ledger/checkpoint`, here the
+/// one a clean stop signs) catches the cut, naming the first missing entry.
+#[tokio::test]
+async fn a_witnessed_checkpoint_catches_a_tail_cut_with_its_checkpoints() {
+    let mut h = Harness::start().await;
+    let response = reqwest::get(h.url("/v1/ledger/checkpoint")).await.unwrap();
+    assert_eq!(response.status(), 404, "no checkpoint yet");
+    let error: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "no_checkpoint");
+
+    for n in 0..3 {
+        let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("w-{n}"),
+            "budget": {"daily_limit": "1.00"}, "trust": {"initial_level": "TRUSTED"}});
+        let (status, _) = call(
+            &h,
+            reqwest::Method::POST,
+            "/v1/agents",
+            CASE_LEAD_KEY,
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 403, "each refusal is a ledger entry");
+    }
+    assert_eq!(h.terminate(), Some(0));
+    h.restart();
+    let response = reqwest::get(h.url("/v1/ledger/checkpoint")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let witness = response.text().await.unwrap();
+    let checkpoint: Value = serde_json::from_str(&witness).unwrap();
+    assert_eq!(checkpoint["size"], 3, "a clean stop signs the last entries");
+    assert_eq!(h.terminate(), Some(0));
+
+    let db = h.database();
+    let witness_file = db.with_file_name("witness.json");
+    std::fs::write(&witness_file, witness).unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("DELETE FROM ledger WHERE seq > 1", [])
+        .unwrap();
+    conn.execute("DELETE FROM checkpoints WHERE size > 1", [])
+        .unwrap();
+    let db = db.to_str().unwrap();
+
+    let (ok, out) = warden_ledger(&["verify", "--db", db]);
+    assert!(ok && out.contains("1 entries verified"), "alone: {out}");
+    let witness = witness_file.to_str().unwrap();
+    let (ok, out) = warden_ledger(&["verify", "--db", db, "--witness", witness]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("entry 2") && out.contains("witnessed checkpoint at 3"),
+        "{out}"
+    );
+}
+
 /// SIGKILL in the middle of a burst of spawns: after the restart the ledger verifies,
 /// and every spawn that was acknowledged has its entry.
 #[tokio::test]

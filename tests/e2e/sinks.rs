@@ -361,7 +361,7 @@ async fn splunk_hec_receiver_gets_every_event() {
 /// 200 with `errors: true` (one item rejected with 429, as a busy cluster does) is not
 /// an acknowledgement, and the rejected event comes again. An event refused with 400
 /// (a mapping error, refused however often it comes) is skipped and counted, and
-/// does not hold up the ones after it.
+/// does not hold up the ones after it, also when it is the only one in its batch.
 #[tokio::test]
 async fn elastic_bulk_receiver_gets_every_event() {
     let port = free_port();
@@ -414,8 +414,6 @@ async fn elastic_bulk_receiver_gets_every_event() {
          url = \"http://127.0.0.1:{port}/_bulk\"\nindex = \"warden-audit\"\n"
     );
     let h = Harness::start_with(&sink).await;
-    decisions(&h, 30).await;
-
     let seen = || {
         let state = received.lock().unwrap();
         state
@@ -424,7 +422,11 @@ async fn elastic_bulk_receiver_gets_every_event() {
             .map(|(_, doc)| doc["metadata"]["sequence"].as_u64().unwrap())
             .collect()
     };
-    until_all_seen(seen, (1..=30).filter(|&seq| seq != 5).collect()).await;
+    decisions(&h, 4).await;
+    until_all_seen(seen, (1..=4).collect()).await;
+
+    // Entry 5 goes alone, is refused whole, then alone again, and only then skipped.
+    decisions(&h, 1).await;
     let dropped = "warden_sink_dropped_entries_total{sink=\"elastic\"} 1";
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut metrics = String::new();
@@ -438,6 +440,8 @@ async fn elastic_bulk_receiver_gets_every_event() {
             .unwrap();
     }
     assert!(metrics.contains(dropped), "{metrics}");
+    decisions(&h, 25).await;
+    until_all_seen(seen, (1..=30).filter(|&seq| seq != 5).collect()).await;
 
     let state = received.lock().unwrap();
     for (action, doc) in &state.1 {
