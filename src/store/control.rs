@@ -504,6 +504,10 @@ impl Tail {
         if let Some(co_signer) = co_signer {
             co_signer.co_sign(&mut checkpoint);
         }
+        // A rotation announced at a multiple of CHECKPOINT_EVERY replaces the old key's
+        // checkpoint at that size with the co-signed one, in the same transaction.
+        // Nothing else meets an existing size: checkpoints only grow, and a torn-tail
+        // cut never reaches below the last one (see `refuse_damage`).
         conn.execute(
             "INSERT OR REPLACE INTO checkpoints (size, root, time, key_id, signature, co_key_id, co_signature)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
