@@ -14,12 +14,13 @@
 //! inclusion proof can show one entry is in the ledger, and a ledger cut short after a
 //! checkpoint is caught. Changing a byte breaks the hash and the signature; deleting or
 //! reordering entries breaks the sequence and the `prev` chain; a forged entry fails
-//! the signature, and so does one a retired key signed after its rotation.
+//! the signature, and so does one a retired key signed after its rotation. The
+//! signing key is created on first start, kept with mode 0600 next to the database,
+//! and its public key written beside it and served over HTTP.
 //!
 //! Limitation: a tail cut off together with the checkpoints over it leaves a ledger
 //! that verifies by itself. Only a copy kept elsewhere shows the cut: a checkpoint an
-//! auditor kept ([`verify_witness`]) or the events a SIEM sink received. The signing key is created on first start, kept with mode 0600 next
-//! to the database, and its public key written beside it and served over HTTP.
+//! auditor kept ([`verify_witness`]) or the events a SIEM sink received.
 
 pub mod merkle;
 
@@ -368,7 +369,7 @@ impl KeyHistory {
     /// The key in force once the first `size` entries are written: the one a
     /// checkpoint over them is signed with.
     fn after(&self, size: u64) -> Option<&VerifyingKey> {
-        self.signing(size + 1)
+        self.signing(size.saturating_add(1))
     }
 }
 
@@ -565,8 +566,10 @@ pub fn verify_checkpoints(
         else {
             return Err(broken("a checkpoint over a ledger with no entries".into()));
         };
+        // A cut is named as one, before its keys (which the cut may have taken along).
+        check_covered(&leaves, checkpoint, "checkpoint")?;
         check_checkpoint_signatures(checkpoint, before, after).map_err(broken)?;
-        check_covers(&leaves, checkpoint, "checkpoint")?;
+        check_root(&leaves, checkpoint, "checkpoint")?;
         previous = checkpoint.size;
     }
     Ok(())
@@ -581,6 +584,12 @@ pub fn verify_witness(
     witness: &Checkpoint,
     keys: &KeyHistory,
 ) -> Result<(), Broken> {
+    let leaves: Vec<_> = entries
+        .iter()
+        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
+        .collect();
+    check_covered(&leaves, witness, "witnessed checkpoint")?;
+
     let size = witness.size;
     let key = keys.after(size).ok_or_else(|| Broken {
         seq: 1,
@@ -593,28 +602,32 @@ pub fn verify_witness(
             why: format!("witnessed checkpoint at {size}: {why}"),
         },
     )?;
-
-    let leaves: Vec<_> = entries
-        .iter()
-        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
-        .collect();
-    check_covers(&leaves, witness, "witnessed checkpoint")
+    check_root(&leaves, witness, "witnessed checkpoint")
 }
 
-/// Checks that the ledger (as `leaves`) holds the entries `checkpoint` covers, with
-/// its Merkle root.
-fn check_covers(
+/// Checks that the ledger (as `leaves`) holds every entry `checkpoint` covers.
+fn check_covered(
     leaves: &[merkle::Hash],
     checkpoint: &Checkpoint,
     what: &str,
 ) -> Result<(), Broken> {
-    let size = checkpoint.size;
-    let Some(covered) = leaves.get(..size as usize) else {
+    if checkpoint.size > leaves.len() as u64 {
         return Err(Broken {
             seq: leaves.len() as u64 + 1,
-            why: format!("missing: the {what} at {size} covers it (the ledger was cut short)"),
+            why: format!(
+                "missing: the {what} at {} covers it (the ledger was cut short)",
+                checkpoint.size
+            ),
         });
-    };
+    }
+    Ok(())
+}
+
+/// Checks that the entries `checkpoint` covers (which [`check_covered`] found in
+/// `leaves`) have its Merkle root.
+fn check_root(leaves: &[merkle::Hash], checkpoint: &Checkpoint, what: &str) -> Result<(), Broken> {
+    let size = checkpoint.size;
+    let covered = &leaves[..size as usize];
     if hex::encode(merkle::root(covered)) != checkpoint.root {
         return Err(Broken {
             seq: size,
@@ -789,10 +802,10 @@ pub fn read_export(text: &str) -> Result<(Vec<StoredEntry>, Vec<Checkpoint>), St
 /// the agent's own spawn and every entry about it since, all in ledger order.
 ///
 /// A SPIFFE ID names a role, which a later agent may take over once the earlier one
-/// ended, so the chain follows the ID's latest incarnation: from its latest `spawn`
-/// (or `replacement`, which continues the agent it replaced), and each ancestor as it
-/// was when the descendant was made. A lead, which policy defines rather than a spawn,
-/// has every entry about it.
+/// ended, so the chain follows the ID's latest incarnation: from its latest `spawn`,
+/// and each ancestor as it was when the descendant was spawned. (A replacement is
+/// spawned too; its `replacement` entry, which names the agent it replaced, follows.)
+/// A lead, which policy defines rather than a spawn, has every entry about it.
 pub fn custody(entries: &[StoredEntry], spiffe_id: &str) -> Vec<Entry> {
     let parsed: Vec<Entry> = entries
         .iter()
@@ -804,13 +817,16 @@ pub fn custody(entries: &[StoredEntry], spiffe_id: &str) -> Vec<Entry> {
             .filter(move |e| e.subject == spiffe_id && e.seq >= seq)
             .cloned()
     };
-    let Some(start) = origin(&parsed, spiffe_id, u64::MAX) else {
+    let Some(start) = spawn_of(&parsed, spiffe_id, u64::MAX) else {
         return about(0).collect();
     };
 
     let mut ancestors = Vec::new();
     let mut at = start;
-    while let Some(next) = predecessor(at).and_then(|id| origin(&parsed, id, at.seq)) {
+    while let Some(next) = at.details["parent"]
+        .as_str()
+        .and_then(|parent| spawn_of(&parsed, parent, at.seq))
+    {
         ancestors.push(next.clone());
         at = next;
     }
@@ -819,22 +835,12 @@ pub fn custody(entries: &[StoredEntry], spiffe_id: &str) -> Vec<Entry> {
     ancestors
 }
 
-/// The entry that made the agent `id` was as of entry `before`: its latest spawn or
-/// replacement before then.
-fn origin<'e>(parsed: &'e [Entry], id: &str, before: u64) -> Option<&'e Entry> {
-    parsed.iter().rev().find(|e| {
-        e.seq < before && e.subject == id && (e.kind == "spawn" || e.kind == "replacement")
-    })
-}
-
-/// Whose grant an origin entry continues: a spawn's parent, a replacement's predecessor.
-fn predecessor(origin: &Entry) -> Option<&str> {
-    let field = if origin.kind == "replacement" {
-        "replaces"
-    } else {
-        "parent"
-    };
-    origin.details[field].as_str()
+/// The spawn of the agent `id` as of entry `before`: its latest spawn before then.
+fn spawn_of<'e>(parsed: &'e [Entry], id: &str, before: u64) -> Option<&'e Entry> {
+    parsed
+        .iter()
+        .rev()
+        .find(|e| e.seq < before && e.subject == id && e.kind == "spawn")
 }
 
 /// Reads a public key file (hex).

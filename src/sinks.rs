@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -235,8 +235,15 @@ pub struct Sink {
     /// Set when a whole batch was refused as unindexable: the next delivery sends only
     /// its first event, so one bad event cannot hold up the sink (see [`Sink::post`]).
     probing: AtomicBool,
+    /// Events skipped that way since the receiver last accepted one.
+    blind_skips: AtomicU32,
     metrics: SinkMetrics,
 }
+
+/// Events refused alone that are skipped in a row, with nothing accepted in between,
+/// before the sink stops skipping: past that, the index is more likely broken than
+/// the events, and the sink waits (its lag grows) rather than drop the stream.
+const MAX_BLIND_SKIPS: u32 = 3;
 
 /// One sink's metrics.
 pub struct SinkMetrics {
@@ -263,6 +270,7 @@ impl Sink {
             http: Client::builder(TokioExecutor::new()).build(https),
             ledger_id: std::sync::OnceLock::new(),
             probing: AtomicBool::new(false),
+            blind_skips: AtomicU32::new(0),
             metrics,
         }
     }
@@ -406,13 +414,22 @@ impl Sink {
     /// The refusals in an Elastic `_bulk` answer to skip (see [`bulk_outcome`]). A
     /// batch refused whole as unindexable says more about the index than the events,
     /// so it is retried, its first event alone; refused alone too, that event is bad
-    /// and skipped. A broken index mapping thus costs one event per retry (logged and
-    /// counted), not the whole stream, and one bad event never stops the sink.
+    /// and skipped, so one bad event never stops the sink. After [`MAX_BLIND_SKIPS`]
+    /// such skips with nothing accepted in between, the sink keeps retrying instead:
+    /// a broken index mapping stalls delivery until it is fixed, and drops nothing.
     fn refusals_to_skip(&self, answer: &[u8], sent: usize) -> Result<Vec<Refusal>, SinkError> {
         match bulk_outcome(answer, sent) {
+            Ok(refusals) => {
+                // Fewer refusals than events: the receiver accepted some.
+                self.blind_skips.store(0, Ordering::Relaxed);
+                Ok(refusals)
+            }
             Err(SinkError::AllUnindexable(refusals))
-                if sent == 1 && self.probing.load(Ordering::Relaxed) =>
+                if sent == 1
+                    && self.probing.load(Ordering::Relaxed)
+                    && self.blind_skips.load(Ordering::Relaxed) < MAX_BLIND_SKIPS =>
             {
+                self.blind_skips.fetch_add(1, Ordering::Relaxed);
                 Ok(refusals)
             }
             Err(SinkError::AllUnindexable(refusals)) => {
@@ -501,9 +518,10 @@ const UNINDEXABLE: [&str; 4] = [
 /// parsing error, see `UNINDEXABLE`) would be refused however often it came, so the
 /// batch counts as delivered and those refusals are returned, to be logged and
 /// skipped, unless every event of the batch was refused (more likely the index than
-/// the events: `AllUnindexable`, which the sink retries). Any other refusal (429 or 5xx from a busy cluster, a closed or badly
-/// named index, a permission) or an answer missing items sends the whole batch again;
-/// the event ids make repeats overwrite, not duplicate.
+/// the events: `AllUnindexable`, which the sink retries). Any other refusal (429 or
+/// 5xx from a busy cluster, a closed or badly named index, a permission) or an answer
+/// missing items sends the whole batch again; the event ids make repeats overwrite,
+/// not duplicate.
 pub fn bulk_outcome(answer: &[u8], sent: usize) -> Result<Vec<Refusal>, SinkError> {
     let answer: Value = serde_json::from_slice(answer)
         .map_err(|e| SinkError::Answer(format!("not a _bulk answer: {e}")))?;

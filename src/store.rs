@@ -79,7 +79,7 @@ pub enum StoreError {
         source: crate::ledger::KeyError,
     },
     #[error(
-        "ledger entry {seq} is damaged, but a signed checkpoint or a sink's acknowledgement \
+        "ledger entry {seq} is damaged or missing, but a signed checkpoint or a sink's acknowledgement \
          covers the ledger up to entry {vouched}: this is no torn write, so nothing is cut; \
          run `warden ledger verify` and restore the database from a backup"
     )]

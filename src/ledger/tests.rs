@@ -1,3 +1,5 @@
+use serde_json::{Value, json};
+
 use super::*;
 
 fn signer(seed: u8) -> Signer {
@@ -413,7 +415,7 @@ fn a_rotated_key_is_vouched_for_by_the_old_one() {
 }
 
 /// Sealed entries of `(kind, subject, details)`, in order.
-fn ledger_of(signer: &Signer, items: &[(&str, &str, serde_json::Value)]) -> Vec<StoredEntry> {
+fn ledger_of(signer: &Signer, items: &[(&str, &str, Value)]) -> Vec<StoredEntry> {
     let mut prev = GENESIS.to_owned();
     let mut entries = Vec::new();
     for (seq, (kind, subject, details)) in (1..).zip(items) {
@@ -439,61 +441,46 @@ fn ledger_of(signer: &Signer, items: &[(&str, &str, serde_json::Value)]) -> Vec<
     entries
 }
 
-/// Custody follows the latest incarnation of a reused SPIFFE ID, each ancestor as it
-/// was when its descendant was made, and a replacement back to the agent it replaced.
+/// Custody follows the latest incarnation of a reused SPIFFE ID and each ancestor as it
+/// was when its descendant was spawned; a replacement's custody starts at its spawn.
 #[test]
-fn custody_follows_the_incarnation_and_replacements() {
+fn custody_follows_the_latest_incarnation() {
     let (lead, child, grandchild, stand_in) = (
         "spiffe://t/agent/x/lead",
         "spiffe://t/agent/x/child",
         "spiffe://t/agent/x/grandchild",
         "spiffe://t/agent/x/stand-in",
     );
+    let spawn = |id, agent, parent| ("spawn", id, json!({"agent_id": agent, "parent": parent}));
+    let about = |kind, id, agent| (kind, id, json!({ "agent_id": agent }));
+    let replaced = json!({"agent_id": "a4", "replaces": grandchild});
     let entries = ledger_of(
         &signer(7),
         &[
-            (
-                "spawn",
-                child,
-                serde_json::json!({"agent_id": "a1", "parent": lead}),
-            ),
-            ("termination", child, serde_json::json!({"agent_id": "a1"})),
-            (
-                "spawn",
-                child,
-                serde_json::json!({"agent_id": "a2", "parent": lead}),
-            ),
-            (
-                "spawn",
-                grandchild,
-                serde_json::json!({"agent_id": "a3", "parent": child}),
-            ),
-            (
-                "replacement",
-                stand_in,
-                serde_json::json!({"agent_id": "a4", "replaces": grandchild}),
-            ),
-            (
-                "breaker_trip",
-                stand_in,
-                serde_json::json!({"agent_id": "a4"}),
-            ),
-            (
-                "spawn",
-                child,
-                serde_json::json!({"agent_id": "a5", "parent": lead}),
-            ),
+            spawn(child, "a1", lead),
+            about("termination", child, "a1"),
+            spawn(child, "a2", lead),
+            spawn(grandchild, "a3", child),
+            about("termination", grandchild, "a3"),
+            spawn(stand_in, "a4", child),
+            ("replacement", stand_in, replaced),
+            about("breaker_trip", stand_in, "a4"),
+            spawn(child, "a5", lead),
         ],
     );
-    let seqs = |id: &str| {
+    let seqs = |id| {
         custody(&entries, id)
             .iter()
             .map(|e| e.seq)
             .collect::<Vec<_>>()
     };
 
-    assert_eq!(seqs(stand_in), [3, 4, 5, 6]);
-    assert_eq!(seqs(grandchild), [3, 4]);
-    assert_eq!(seqs(child), [7], "the latest incarnation");
+    assert_eq!(
+        seqs(stand_in),
+        [3, 6, 7, 8],
+        "its grant, then what happened since"
+    );
+    assert_eq!(seqs(grandchild), [3, 4, 5]);
+    assert_eq!(seqs(child), [9], "the latest incarnation");
     assert_eq!(seqs(lead), Vec::<u64>::new(), "no entry is about the lead");
 }

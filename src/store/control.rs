@@ -152,9 +152,10 @@ struct Tail {
 impl ControlStore {
     /// Opens the store and checks the ledger's chain. A torn tail (entries whose hash
     /// or link to the previous entry is broken, as a crash mid-write could leave) is
-    /// cut off, and a `recovery` entry records what was cut. A break that a signed
-    /// checkpoint or a sink's acknowledgement already covers is no torn write but
-    /// damage: Warden refuses to start rather than cut evidence away.
+    /// cut off, and a `recovery` entry records what was cut. A break, or a missing
+    /// entry, that a signed checkpoint or a sink's acknowledgement already covers is
+    /// no torn write but damage: Warden refuses to start rather than cut evidence away
+    /// or sign over the gap.
     ///
     /// The signing key is loaded from `keys` (created for an empty ledger) and must be
     /// the one the intact ledger expects next (see [`Signer::load_for`]).
@@ -171,9 +172,8 @@ impl ControlStore {
             conn.query_row("SELECT COALESCE(MAX(size), 0) FROM checkpoints", [], |r| {
                 r.get(0)
             })?;
-        if intact < entries.len() {
-            refuse_damage(&conn, intact as u64 + 1, checkpointed)?;
-        }
+        // Also for a chain without a break: entries cut off cleanly show only here.
+        refuse_damage(&conn, intact as u64 + 1, checkpointed)?;
         let signer = Signer::load_for(keys, next_key(&entries[..intact]).as_deref())?;
         let tail = Tail::of(&entries[..intact], signer.clone(), checkpointed);
 
@@ -638,8 +638,8 @@ fn next_key(entries: &[StoredEntry]) -> Option<String> {
     Some(announced.unwrap_or_else(|| last.key_id.clone()))
 }
 
-/// Refuses a break in the chain at entry `first` that something outside the tail
-/// vouches for: a checkpoint (signed in the same transaction as the entries it covers)
+/// Refuses a break in the chain at entry `first` (or, past an intact chain, its
+/// missing next entry) that something outside the tail vouches for: a checkpoint (signed in the same transaction as the entries it covers)
 /// or a sink's cursor (moved only after the entries committed). A crash cannot tear
 /// what was committed, so such a break is damage, and cutting from there would delete
 /// evidence that may already sit in a SIEM.
@@ -824,6 +824,19 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(read_ledger(&conn).unwrap().len(), 6, "nothing cut");
+
+        // Cut off cleanly, the chain intact: the checkpoint still shows the gap.
+        conn.execute("DELETE FROM sink_cursors", []).unwrap();
+        conn.execute("DELETE FROM ledger WHERE seq > 3", [])
+            .unwrap();
+        let refused = ControlStore::open(&store, &dir).err();
+        assert!(
+            matches!(
+                refused,
+                Some(StoreError::LedgerDamaged { seq: 4, vouched: 5 })
+            ),
+            "{refused:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

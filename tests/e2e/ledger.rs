@@ -241,10 +241,17 @@ async fn checkpoints_prove_inclusion_and_catch_truncation() {
     let key = db.with_file_name("ledger-public.key");
     let (db, key) = (db.to_str().unwrap(), key.to_str().unwrap());
     let (ok, out) = warden_ledger(&["verify", "--db", db, "--public-key", key]);
-    assert!(
-        ok && out.contains("65 entries verified, 1 checkpoints"),
-        "{out}"
-    );
+    assert!(ok && out.contains("65 entries verified"), "{out}");
+    // The 64th entry signed one; the ten-second timer may have signed others.
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let at_64: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM checkpoints WHERE size = 64",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(at_64, 1);
 
     let (ok, proof) = warden_ledger(&["prove", "10", "--db", db]);
     assert!(ok, "{proof}");
@@ -252,11 +259,10 @@ async fn checkpoints_prove_inclusion_and_catch_truncation() {
     std::fs::write(&proof_file, &proof).unwrap();
     let (ok, out) = warden_ledger(&["verify", "--proof", &proof_file, "--public-key", key]);
     assert!(
-        ok && out.contains("entry 10 is in the ledger of checkpoint 64"),
+        ok && out.contains("entry 10 is in the ledger of checkpoint"),
         "{out}"
     );
 
-    let conn = rusqlite::Connection::open(db).unwrap();
     conn.execute("DELETE FROM ledger WHERE seq > 60", [])
         .unwrap();
     let (ok, out) = warden_ledger(&["verify", "--db", db, "--public-key", key]);
@@ -485,17 +491,19 @@ async fn key_rotation_keeps_the_ledger_verifiable_with_the_first_key() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 4, "{text}");
-    assert_eq!(lines[2]["checkpoint"]["size"], 2, "{text}");
+    // (The ten-second timer may add a checkpoint of its own on a slow machine.)
+    let at_rotation = lines
+        .iter()
+        .position(|l| l["checkpoint"]["size"] == 2)
+        .expect("the rotation's checkpoint is exported");
+    assert_eq!(lines[at_rotation - 1]["seq"], 2, "{text}");
+    assert!(lines[at_rotation]["checkpoint"]["co_signature"].is_string());
     let first_key = first_key.to_str().unwrap();
     let (ok, out) = warden_ledger(&["verify", "--jsonl", export, "--public-key", first_key]);
-    assert!(
-        ok && out.contains("3 entries verified, 1 checkpoints"),
-        "{out}"
-    );
+    assert!(ok && out.contains("3 entries verified"), "{out}");
 
     // A checkpoint whose root was changed in the export is caught.
-    let root = lines[2]["checkpoint"]["root"].as_str().unwrap();
+    let root = lines[at_rotation]["checkpoint"]["root"].as_str().unwrap();
     let forged = text.replace(root, &"0".repeat(64));
     std::fs::write(export, forged).unwrap();
     let (ok, out) = warden_ledger(&["verify", "--jsonl", export, "--public-key", first_key]);

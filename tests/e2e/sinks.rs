@@ -428,17 +428,7 @@ async fn elastic_bulk_receiver_gets_every_event() {
     // Entry 5 goes alone, is refused whole, then alone again, and only then skipped.
     decisions(&h, 1).await;
     let dropped = "warden_sink_dropped_entries_total{sink=\"elastic\"} 1";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut metrics = String::new();
-    while !metrics.contains(dropped) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        metrics = reqwest::get(h.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-    }
+    let metrics = until_metrics(&h, &[dropped]).await;
     assert!(metrics.contains(dropped), "{metrics}");
     decisions(&h, 25).await;
     until_all_seen(seen, (1..=30).filter(|&seq| seq != 5).collect()).await;
@@ -456,4 +446,94 @@ async fn elastic_bulk_receiver_gets_every_event() {
             .any(|(action, _)| action["index"]["_id"] == rejected),
         "the rejected event was sent again and indexed"
     );
+}
+
+/// An Elastic index whose mapping refuses every event: three events refused alone are
+/// skipped, then the sink stops skipping and waits, its lag showing what is held back,
+/// and once the mapping is fixed the held-back events arrive.
+#[tokio::test]
+async fn a_broken_elastic_mapping_stalls_the_sink_instead_of_dropping_the_stream() {
+    let port = free_port();
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let indexed: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let (mapping, store) = (Arc::clone(&broken), Arc::clone(&indexed));
+    let app = Router::new().route(
+        "/_bulk",
+        post(move |body: String| {
+            let (mapping, store) = (Arc::clone(&mapping), Arc::clone(&store));
+            async move {
+                let lines: Vec<Value> = body
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect();
+                let refuse = mapping.load(std::sync::atomic::Ordering::SeqCst);
+                let items: Vec<Value> = lines
+                    .chunks(2)
+                    .map(|pair| {
+                        let id = pair[0]["index"]["_id"].clone();
+                        if refuse {
+                            return json!({"index": {"_id": id, "status": 400, "error": {
+                                "type": "mapper_parsing_exception", "reason": "failed to parse"}}});
+                        }
+                        let seq = pair[1]["metadata"]["sequence"].as_u64().unwrap();
+                        store.lock().unwrap().insert(seq);
+                        json!({"index": {"_id": id, "status": 201, "result": "created"}})
+                    })
+                    .collect();
+                json!({"took": 1, "errors": refuse, "items": items}).to_string()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let sink = format!(
+        "[[sinks]]\nname = \"elastic\"\nkind = \"webhook\"\nformat = \"elastic_bulk\"\n\
+         url = \"http://127.0.0.1:{port}/_bulk\"\n"
+    );
+    let h = Harness::start_with(&sink).await;
+    decisions(&h, 2).await;
+    until_all_seen(|| indexed.lock().unwrap().clone(), (1..=2).collect()).await;
+
+    broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    decisions(&h, 6).await;
+    let stalled = [
+        "warden_sink_dropped_entries_total{sink=\"elastic\"} 3",
+        "warden_sink_lag_entries{sink=\"elastic\"} 3",
+    ];
+    let metrics = until_metrics(&h, &stalled).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = until_metrics(&h, &stalled).await;
+    assert!(
+        stalled
+            .iter()
+            .all(|m| metrics.contains(m) && later.contains(m)),
+        "{later}"
+    );
+
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    until_all_seen(
+        || indexed.lock().unwrap().clone(),
+        BTreeSet::from([1, 2, 6, 7, 8]),
+    )
+    .await;
+}
+
+/// The metrics text once it holds every line of `expected`, or after 10 s.
+async fn until_metrics(h: &Harness, expected: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = reqwest::get(h.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if expected.iter().all(|m| metrics.contains(m)) || Instant::now() > deadline {
+            return metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
