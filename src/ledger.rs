@@ -366,6 +366,11 @@ impl KeyHistory {
             .map(|(_, key)| key)
     }
 
+    /// The id of the first key, which the verifier had to be given: auditors can pin it.
+    pub fn first_key_id(&self) -> Option<String> {
+        self.spans.first().map(|(_, key)| key_id(key))
+    }
+
     /// The key in force once the first `size` entries are written: the one a
     /// checkpoint over them is signed with.
     fn after(&self, size: u64) -> Option<&VerifyingKey> {

@@ -181,14 +181,16 @@ fn verify(
     let checked = check(ledger, keys).and_then(|history| {
         witnesses
             .iter()
-            .try_for_each(|w| ledger::verify_witness(entries, w, &history))
+            .try_for_each(|w| ledger::verify_witness(entries, w, &history))?;
+        Ok(history.first_key_id())
     });
     match checked {
-        Ok(()) => {
+        Ok(first_key) => {
             println!(
-                "ledger ok: {} entries verified, {} checkpoints",
+                "ledger ok: {} entries verified, {} checkpoints, first key {}",
                 entries.len(),
-                checkpoints.len()
+                checkpoints.len(),
+                first_key.as_deref().unwrap_or("-")
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -19,7 +19,7 @@ use crate::identity::Caller;
 use crate::ledger::ExportLine;
 use crate::proxy::{self, Endpoint};
 use crate::store::UsageReport;
-use crate::store::control::{LedgerQuery, latest_checkpoint, query_ledger};
+use crate::store::control::{LedgerQuery, query_ledger};
 
 type AppState = State<Arc<App>>;
 
@@ -275,14 +275,11 @@ async fn ledger_entries(
 /// outside Warden and check the ledger against later (`warden ledger verify
 /// --witness`). It tells only the ledger's size and root hash, so anyone may read it.
 async fn ledger_checkpoint(State(app): AppState) -> Result<Response, ApiError> {
-    let store = app.store.clone();
-    let checkpoint = tokio::task::spawn_blocking(move || {
-        let conn = store.connection()?;
-        latest_checkpoint(&conn)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let control = Arc::clone(&app.control);
+    let checkpoint = tokio::task::spawn_blocking(move || control.latest_checkpoint())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(checkpoint.ok_or(ApiError::NoCheckpoint)?).into_response())
 }
 

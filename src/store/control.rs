@@ -421,6 +421,11 @@ impl ControlStore {
         })
     }
 
+    /// The newest signed checkpoint, read on the store's own reader connection.
+    pub fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        latest_checkpoint(&self.reader())
+    }
+
     /// Appends one decision record.
     pub fn record(&self, decision: &DecisionRow) -> Result<i64, StoreError> {
         let decision = decision.clone();

@@ -66,6 +66,8 @@ async fn decisions_verify_offline_and_tampering_is_named() {
         served["public_key"],
         std::fs::read_to_string(key).unwrap().trim()
     );
+    let key_id = served["key_id"].as_str().unwrap();
+    assert!(out.contains(&format!("first key {key_id}")), "{out}");
 
     // An export verifies the same way.
     let export = db.replace("warden.db", "ledger.jsonl");
