@@ -551,10 +551,7 @@ pub fn verify_checkpoints(
     checkpoints: &[Checkpoint],
     keys: &KeyHistory,
 ) -> Result<(), Broken> {
-    let leaves: Vec<_> = entries
-        .iter()
-        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
-        .collect();
+    let leaves = leaves(entries);
     let mut previous = 0;
     for checkpoint in checkpoints {
         let broken = |why: String| Broken {
@@ -589,10 +586,7 @@ pub fn verify_witness(
     witness: &Checkpoint,
     keys: &KeyHistory,
 ) -> Result<(), Broken> {
-    let leaves: Vec<_> = entries
-        .iter()
-        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
-        .collect();
+    let leaves = leaves(entries);
     check_covered(&leaves, witness, "witnessed checkpoint")?;
 
     let size = witness.size;
@@ -608,6 +602,14 @@ pub fn verify_witness(
         },
     )?;
     check_root(&leaves, witness, "witnessed checkpoint")
+}
+
+/// The Merkle leaf hashes of `entries`.
+fn leaves(entries: &[StoredEntry]) -> Vec<merkle::Hash> {
+    entries
+        .iter()
+        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
+        .collect()
 }
 
 /// Checks that the ledger (as `leaves`) holds every entry `checkpoint` covers.
@@ -659,10 +661,7 @@ pub fn prove(entries: &[StoredEntry], checkpoint: &Checkpoint, seq: u64) -> Opti
     if seq == 0 || seq > checkpoint.size || size > entries.len() {
         return None;
     }
-    let leaves: Vec<_> = entries[..size]
-        .iter()
-        .map(|e| merkle::leaf_hash(e.canonical.as_bytes()))
-        .collect();
+    let leaves = leaves(&entries[..size]);
     let path = merkle::inclusion_path(seq as usize - 1, &leaves);
     Some(InclusionProof {
         seq,

@@ -112,6 +112,16 @@ impl Harness {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// An async-openai client authenticated as `key`.
     pub fn client(&self, key: &str) -> Client<OpenAIConfig> {
         let config = OpenAIConfig::new()

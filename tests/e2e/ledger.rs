@@ -19,6 +19,24 @@ fn warden_ledger(args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// `n` spawns the lead may not make (a child cannot start TRUSTED): each refusal is
+/// a ledger entry.
+async fn refused_spawns(h: &Harness, prefix: &str, n: usize) {
+    for i in 0..n {
+        let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("{prefix}-{i}"),
+            "budget": {"daily_limit": "1.00"}, "trust": {"initial_level": "TRUSTED"}});
+        let (status, _) = call(
+            h,
+            reqwest::Method::POST,
+            "/v1/agents",
+            CASE_LEAD_KEY,
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 403, "each refusal is a ledger entry");
+    }
+}
+
 #[tokio::test]
 async fn decisions_verify_offline_and_tampering_is_named() {
     let h = Harness::start().await;
@@ -225,19 +243,7 @@ async fn ledger_query_filters_and_pages() {
 #[tokio::test]
 async fn checkpoints_prove_inclusion_and_catch_truncation() {
     let h = Harness::start().await;
-    for n in 0..65 {
-        let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("x-{n}"),
-            "budget": {"daily_limit": "1.00"}, "trust": {"initial_level": "TRUSTED"}});
-        let (status, _) = call(
-            &h,
-            reqwest::Method::POST,
-            "/v1/agents",
-            CASE_LEAD_KEY,
-            Some(body),
-        )
-        .await;
-        assert_eq!(status, 403, "each refusal is a ledger entry");
-    }
+    refused_spawns(&h, "x", 65).await;
 
     let db = h.database();
     let key = db.with_file_name("ledger-public.key");
@@ -282,19 +288,7 @@ async fn a_witnessed_checkpoint_catches_a_tail_cut_with_its_checkpoints() {
     let error: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
     assert_eq!(error["error"]["code"], "no_checkpoint");
 
-    for n in 0..3 {
-        let body = json!({"parent": "lead-quarterly-orchestrator", "name": format!("w-{n}"),
-            "budget": {"daily_limit": "1.00"}, "trust": {"initial_level": "TRUSTED"}});
-        let (status, _) = call(
-            &h,
-            reqwest::Method::POST,
-            "/v1/agents",
-            CASE_LEAD_KEY,
-            Some(body),
-        )
-        .await;
-        assert_eq!(status, 403, "each refusal is a ledger entry");
-    }
+    refused_spawns(&h, "w", 3).await;
     assert_eq!(h.terminate(), Some(0));
     h.restart();
     let response = reqwest::get(h.url("/v1/ledger/checkpoint")).await.unwrap();

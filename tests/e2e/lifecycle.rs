@@ -25,12 +25,7 @@ async fn metrics_show_spend_and_pass_promtool() {
         .unwrap();
     h.usage_records(2).await;
 
-    let metrics = reqwest::get(h.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     let spend = format!("warden_spend_usd_total{{agent=\"{AGENT_ID}\",model=\"mock-small\"}}");
     assert!(metrics.contains(&spend), "{metrics}");
     for name in [

@@ -72,10 +72,7 @@ async fn a_receiver_that_was_down_gets_every_decision_in_order() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    serve_receiver(port, app).await;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -271,6 +268,14 @@ async fn file_sink_writes_ocsf_json_lines() {
     std::fs::remove_file(&out).unwrap();
 }
 
+/// Serves `app` as a receiver on loopback `port`, in the background.
+async fn serve_receiver(port: u16, app: Router) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+}
+
 /// A free loopback port for a receiver that starts later.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -325,10 +330,7 @@ async fn splunk_hec_receiver_gets_every_event() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    serve_receiver(port, app).await;
 
     let sink = format!(
         "[[sinks]]\nname = \"splunk\"\nkind = \"webhook\"\nformat = \"splunk_hec\"\n\
@@ -404,10 +406,7 @@ async fn elastic_bulk_receiver_gets_every_event() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    serve_receiver(port, app).await;
 
     let sink = format!(
         "[[sinks]]\nname = \"elastic\"\nkind = \"webhook\"\nformat = \"elastic_bulk\"\n\
@@ -484,10 +483,7 @@ async fn a_broken_elastic_mapping_stalls_the_sink_instead_of_dropping_the_stream
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    serve_receiver(port, app).await;
 
     let sink = format!(
         "[[sinks]]\nname = \"elastic\"\nkind = \"webhook\"\nformat = \"elastic_bulk\"\n\
@@ -525,12 +521,7 @@ async fn a_broken_elastic_mapping_stalls_the_sink_instead_of_dropping_the_stream
 async fn until_metrics(h: &Harness, expected: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = reqwest::get(h.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = h.metrics().await;
         if expected.iter().all(|m| metrics.contains(m)) || Instant::now() > deadline {
             return metrics;
         }
